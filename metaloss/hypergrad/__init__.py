@@ -1,0 +1,6 @@
+"""Hypergradient estimators: one contract (`HypergradEstimator`), one file per estimator."""
+
+from metaloss.hypergrad.base import HypergradEstimator
+from metaloss.hypergrad.unrolled import Unrolled
+
+__all__ = ["HypergradEstimator", "Unrolled"]

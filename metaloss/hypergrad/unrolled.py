@@ -1,0 +1,57 @@
+"""Reverse-mode differentiation through the unrolled inner loop.
+
+    d L_outer / d phi = dL/dw_T * d w_T / d phi + dL/dphi,
+    d w_{t+1}/d phi   = (d update / d w_t) d w_t / d phi + d update / d phi.
+
+Modes: ``full`` (exact, memory O(T); MAML, Finn et al. 2017), ``first_order``
+(inner gradients taken as constants, memory O(1) in graph depth of Hessians;
+FOMAML), ``truncated`` (backpropagate through the last K steps only; Shaban et
+al. 2019, biased, memory O(K)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from metaloss.errors import ConfigError
+from metaloss.hypergrad.base import HypergradEstimator
+from metaloss.problem import BilevelProblem
+from metaloss.types import Episode, HypergradOut
+
+MODES = ("full", "first_order", "truncated")
+
+
+class Unrolled(HypergradEstimator):
+    """Unrolled hypergradient; `truncation` K is required by (and only used in) mode ``truncated``."""
+
+    def __init__(self, mode: str = "full", truncation: int | None = None) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"unknown unrolled mode {mode!r}; expected one of {MODES}")
+        if mode == "truncated" and (truncation is None or truncation < 1):
+            raise ConfigError(f"mode 'truncated' needs truncation >= 1, got {truncation}")
+        self.mode = mode
+        self.truncation = truncation if mode == "truncated" else None
+
+    def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
+        if not episodes:
+            raise ConfigError("a meta-batch needs at least one episode")
+        phi = problem.meta_parameters()
+        grads: list[Tensor | None] = [None] * len(phi)
+        sums: dict[str, float] = {}
+        for episode in episodes:
+            # one backward per task: the graph of task b is freed before task b+1 is built
+            params, inner = problem.adapt_to(
+                episode, second_order=self.mode != "first_order", differentiable_steps=self.truncation
+            )
+            loss, metrics = problem.query_loss(params, episode)
+            task_grads = torch.autograd.grad(loss / len(episodes), phi, allow_unused=True)
+            grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, task_grads)]
+            metrics["inner_loss_first"] = inner.losses[0]
+            metrics["inner_loss_last"] = inner.losses[-1]
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        means = {k: v / len(episodes) for k, v in sums.items()}
+        return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)

@@ -1,0 +1,83 @@
+"""The one inner loop. Every estimator and every evaluation calls it; none re-implements it.
+
+    w_{t+1}, s_{t+1} = update(grad_w L_inner(w_t), s_t, w_t),    t = 0 .. T-1
+
+Backpropagation modes (chosen by the caller, usually an estimator):
+
+- full second order: the graph of every step is kept (`create_graph=True`), so
+  d w_T / d phi includes all Hessian terms (MAML, Finn et al. 2017);
+- first order (`second_order=False`): inner gradients are treated as constants,
+  so d w_T / d w_0 = I (FOMAML); hyperparameters still get their first-order
+  gradient through the update rule;
+- truncated (`differentiable_steps=K`): w and the optimizer state are cut from
+  the graph (stop-gradient) before the last K steps, so the hypergradient only
+  sees those K steps (truncated backpropagation, Shaban et al. 2019).
+  `differentiable_steps=0` runs the loop with no graph at all (evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from metaloss.errors import ConfigError
+from metaloss.functional import detach_params
+from metaloss.inner.optim import InnerOptimizer, OptState, tree_detach
+from metaloss.types import Params
+
+
+@dataclass
+class InnerResult:
+    """Adapted parameters w_T, the optimizer state s_T, and the inner loss before each step."""
+
+    params: Params
+    opt_state: OptState
+    losses: list[Tensor] = field(default_factory=list)
+
+
+def run_inner_loop(
+    params: Params,
+    loss_fn: Callable[[Params], Tensor],
+    optimizer: InnerOptimizer,
+    steps: int,
+    *,
+    second_order: bool = True,
+    differentiable_steps: int | None = None,
+    opt_state: OptState | None = None,
+    on_step: Callable[[int, Params], None] | None = None,
+) -> InnerResult:
+    """Take `steps` steps of `optimizer` on `loss_fn`, starting from `params` (w_0, may depend on phi).
+
+    on_step(t, w_t) is called for t = 0 (before the first step) and after every step.
+    """
+    if steps < 0:
+        raise ConfigError(f"inner steps must be >= 0, got {steps}")
+    window = steps if differentiable_steps is None else differentiable_steps
+    if window < 0:
+        raise ConfigError(f"differentiable_steps must be >= 0, got {differentiable_steps}")
+    first_tracked = max(steps - window, 0)
+    state = optimizer.init(params) if opt_state is None else opt_state
+    losses: list[Tensor] = []
+    if on_step is not None:
+        on_step(0, params)
+    for t in range(steps):
+        tracked = t >= first_tracked
+        if not tracked or (t == first_tracked and t > 0):
+            # stop-gradient: nothing before the window is tracked, and the window starts from a cut
+            params = detach_params(params, requires_grad=True)
+            state = tree_detach(state)
+        else:
+            params = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
+        loss = loss_fn(params)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=tracked and second_order)
+        new_params, state = optimizer.update(dict(zip(params, grads)), state, params)
+        if not tracked:
+            new_params, state = detach_params(new_params), tree_detach(state)
+        params = new_params
+        losses.append(loss.detach())
+        if on_step is not None:
+            on_step(t + 1, params)
+    return InnerResult(params, state, losses)

@@ -1,0 +1,125 @@
+"""The bilevel problem: what the inner loop adapts, with what, and what the outer loss measures.
+
+    min_phi  (1/B) sum_b L_outer(f(x^q_b; w_T,b), y^q_b),
+    w_T,b = InnerOpt_phi^T( L_inner(f(x^s_b; .), y^s_b), w0(phi) )
+
+Every algorithm is an instance: MAML is a `LearnedInit` with a fixed SGD;
+ANIL adapts only the parameters under the `head` prefix; Meta-SGD swaps the
+fixed SGD for `MetaSGD`. phi is the union of the meta-modules' parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from metaloss.errors import ConfigError
+from metaloss.functional import forward
+from metaloss.inner.loop import InnerResult, run_inner_loop
+from metaloss.types import Episode, Params
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class BilevelProblem:
+    """model: the architecture, run statelessly; init: module, forward() -> w0 (Params);
+    inner_opt: module, forward() -> InnerOptimizer; inner_loss / outer_loss: (prediction, target) -> scalar;
+    inner_steps: T; adapt: name prefixes of the parameters the inner loop adapts (None: all);
+    metric: optional extra outer metric, e.g. accuracy."""
+
+    model: nn.Module
+    init: nn.Module
+    inner_opt: nn.Module
+    inner_loss: Loss
+    outer_loss: Loss
+    inner_steps: int
+    adapt: Sequence[str] | None = None
+    metric: Loss | None = None
+    metric_name: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise ConfigError(f"inner_steps must be >= 1 for meta-training, got {self.inner_steps}")
+        names = [name for name, _ in self.model.named_parameters()]
+        if self.adapt is not None:
+            self.adapt = tuple(self.adapt)
+            if not self.adapt or not any(self._adapted(n) for n in names):
+                raise ConfigError(f"adapt={list(self.adapt)} matches no parameter of the model; names are {names}")
+
+    def _adapted(self, name: str) -> bool:
+        return self.adapt is None or any(name == p or name.startswith(p + ".") for p in self.adapt)
+
+    def meta_modules(self) -> dict[str, nn.Module]:
+        """The modules whose parameters are phi (a module without parameters is left out)."""
+        candidates = {"init": self.init, "inner_opt": self.inner_opt, "inner_loss": self.inner_loss}
+        return {k: m for k, m in candidates.items() if isinstance(m, nn.Module) and any(True for _ in m.parameters())}
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """phi as a flat list, without duplicates, in a fixed order."""
+        seen: set[int] = set()
+        out = []
+        for module in self.meta_modules().values():
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def state_dict(self) -> dict[str, dict]:
+        return {k: m.state_dict() for k, m in self.meta_modules().items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for k, m in self.meta_modules().items():
+            m.load_state_dict(state[k])
+
+    def initial_params(self) -> tuple[Params, Params]:
+        """w0(phi) split into (adapted, frozen) parameters."""
+        w0 = self.init()
+        adapted = {n: p for n, p in w0.items() if self._adapted(n)}
+        frozen = {n: p for n, p in w0.items() if not self._adapted(n)}
+        return adapted, frozen
+
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        return forward(self.model, params, x)
+
+    def adapt_to(
+        self,
+        episode: Episode,
+        *,
+        steps: int | None = None,
+        second_order: bool = True,
+        differentiable_steps: int | None = None,
+        on_step: Callable[[int, Params], None] | None = None,
+    ) -> tuple[Params, InnerResult]:
+        """Run the inner loop on the support set; returns (all parameters after adaptation, loop result)."""
+        adapted, frozen = self.initial_params()
+
+        def support_loss(params: Params) -> Tensor:
+            return self.inner_loss(self.predict({**frozen, **params}, episode.support_x), episode.support_y)
+
+        def on_step_full(t: int, params: Params) -> None:
+            assert on_step is not None
+            on_step(t, {**frozen, **params})
+
+        result = run_inner_loop(
+            adapted,
+            support_loss,
+            self.inner_opt(),
+            self.inner_steps if steps is None else steps,
+            second_order=second_order,
+            differentiable_steps=differentiable_steps,
+            on_step=None if on_step is None else on_step_full,
+        )
+        return {**frozen, **result.params}, result
+
+    def query_loss(self, params: Params, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        """L_outer on the query set with adapted `params`, and detached metrics."""
+        prediction = self.predict(params, episode.query_x)
+        loss = self.outer_loss(prediction, episode.query_y)
+        metrics = {"loss": loss.detach()}
+        if self.metric is not None:
+            metrics[self.metric_name] = self.metric(prediction.detach(), episode.query_y)
+        return loss, metrics

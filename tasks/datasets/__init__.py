@@ -1,0 +1,1 @@
+"""Dataset readers: files in their official formats -> tensors. No sampling logic here."""

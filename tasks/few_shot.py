@@ -1,0 +1,86 @@
+"""N-way K-shot Q-query classification episodes over any labelled tensor dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metaloss.errors import ConfigError
+from metaloss.types import Episode
+from tasks.base import episode_generator
+
+
+def split_classes(classes: Sequence[int], fractions: Sequence[float], seed: int = 0) -> list[list[int]]:
+    """Shuffle `classes` with `seed` and cut them into consecutive parts of the given fractions
+    (e.g. (0.6, 0.2, 0.2) for train/val/test); the parts are disjoint and every class is used."""
+    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"class split fractions must be positive and sum to 1, got {list(fractions)}")
+    order = np.random.default_rng(seed).permutation(np.asarray(sorted(set(classes))))
+    bounds = np.round(np.cumsum([0.0, *fractions]) * len(order)).astype(int)
+    parts = [sorted(order[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+    if any(not part for part in parts):
+        raise ConfigError(f"{len(order)} classes cannot be split into non-empty parts {list(fractions)}")
+    return parts
+
+
+class FewShotSampler:
+    """Episodes of `n_way` classes drawn from `classes`, relabelled 0..n_way-1 in random order,
+    with `k_shot` support and `q_query` query examples per class, drawn without replacement.
+
+    inputs: [N, *shape] (any dtype; floating point is kept, uint8 is scaled to [0, 1]);
+    labels: [N] integer class ids. Support tensors are class-major: [n_way * k_shot, *shape].
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        labels: Tensor,
+        classes: Sequence[int],
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        seed: int = 0,
+    ) -> None:
+        if n_way < 1 or k_shot < 1 or q_query < 0:
+            raise ConfigError(f"need n_way >= 1, k_shot >= 1, q_query >= 0; got {n_way}, {k_shot}, {q_query}")
+        if len(inputs) != len(labels):
+            raise ConfigError(f"{len(inputs)} inputs but {len(labels)} labels")
+        classes = sorted(set(int(c) for c in classes))
+        if n_way > len(classes):
+            raise ConfigError(f"n_way={n_way} but this split has only {len(classes)} classes")
+        labels = torch.as_tensor(labels)
+        self.by_class = {c: torch.nonzero(labels == c).flatten() for c in classes}
+        short = {c: len(ix) for c, ix in self.by_class.items() if len(ix) < k_shot + q_query}
+        if short:
+            c, n = next(iter(short.items()))
+            raise ConfigError(
+                f"k_shot + q_query = {k_shot + q_query} examples per class are needed, but class {c} has {n}"
+                f" ({len(short)} classes are too small)"
+            )
+        self.inputs, self.classes = inputs, classes
+        self.n_way, self.k_shot, self.q_query, self.seed = n_way, k_shot, q_query, seed
+
+    def _images(self, index: Tensor) -> Tensor:
+        x = self.inputs[index]
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+    def episode(self, index: int) -> Episode:
+        g = episode_generator(self.seed, index)
+        chosen = torch.randperm(len(self.classes), generator=g)[: self.n_way]  # position = new label
+        support, query = [], []
+        for c in chosen.tolist():
+            pool = self.by_class[self.classes[c]]
+            picked = pool[torch.randperm(len(pool), generator=g)[: self.k_shot + self.q_query]]
+            support.append(picked[: self.k_shot])
+            query.append(picked[self.k_shot :])
+        labels = torch.arange(self.n_way)
+        return Episode(
+            support_x=self._images(torch.cat(support)),  # [n_way * k_shot, *shape]
+            support_y=labels.repeat_interleave(self.k_shot),  # [n_way * k_shot]
+            query_x=self._images(torch.cat(query)),  # [n_way * q_query, *shape]
+            query_y=labels.repeat_interleave(self.q_query),  # [n_way * q_query]
+            meta={"classes": [self.classes[c] for c in chosen.tolist()]},
+        )
