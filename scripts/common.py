@@ -17,6 +17,7 @@ import torch
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from metaloss.errors import ConfigError
 from metaloss.functional import apply_batchnorm_policy
@@ -61,6 +62,8 @@ def config_errors() -> Iterator[None]:
         while cause is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__ or cause.__context__
         fail(str(cause) if cause is not None else str(err).splitlines()[0])
+    except OmegaConfBaseException as err:  # e.g. an interpolation naming a key this task lacks
+        fail(f"config: {str(err).splitlines()[0]}")
 
 
 def dtype_of(cfg: DictConfig) -> torch.dtype:

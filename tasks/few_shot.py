@@ -10,7 +10,7 @@ from torch import Tensor
 
 from metaloss.errors import ConfigError
 from metaloss.types import Episode
-from tasks.base import episode_generator
+from tasks.base import SPLITS, episode_generator
 
 
 def split_classes(classes: Sequence[int], fractions: Sequence[float], seed: int = 0) -> list[list[int]]:
@@ -31,7 +31,8 @@ class FewShotSampler:
     with `k_shot` support and `q_query` query examples per class, drawn without replacement.
 
     inputs: [N, *shape] (any dtype; floating point is kept, uint8 is scaled to [0, 1]);
-    labels: [N] integer class ids. Support tensors are class-major: [n_way * k_shot, *shape].
+    labels: [N] integer class ids; split: which of the train / val / test random streams to use.
+    Support tensors are class-major: [n_way * k_shot, *shape].
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class FewShotSampler:
         k_shot: int,
         q_query: int,
         seed: int = 0,
+        split: str = "train",
     ) -> None:
         if n_way < 1 or k_shot < 1 or q_query < 0:
             raise ConfigError(f"need n_way >= 1, k_shot >= 1, q_query >= 0; got {n_way}, {k_shot}, {q_query}")
@@ -61,14 +63,17 @@ class FewShotSampler:
                 f" ({len(short)} classes are too small)"
             )
         self.inputs, self.classes = inputs, classes
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.n_way, self.k_shot, self.q_query, self.seed = n_way, k_shot, q_query, seed
+        self.stream = SPLITS.index(split)  # train / val / test draw from independent streams
 
     def _images(self, index: Tensor) -> Tensor:
         x = self.inputs[index]
         return x.float() / 255.0 if x.dtype == torch.uint8 else x
 
     def episode(self, index: int) -> Episode:
-        g = episode_generator(self.seed, index)
+        g = episode_generator(self.seed, index, self.stream)
         chosen = torch.randperm(len(self.classes), generator=g)[: self.n_way]  # position = new label
         support, query = [], []
         for c in chosen.tolist():

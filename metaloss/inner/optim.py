@@ -36,6 +36,10 @@ def _value(h: Hyper, name: str) -> float | Tensor:
     return h[name] if isinstance(h, Mapping) else h
 
 
+def _is_zero(h: Hyper) -> bool:
+    return isinstance(h, (int, float)) and h == 0.0
+
+
 def _check_nonnegative(h: Hyper, what: str) -> None:
     values = h.values() if isinstance(h, Mapping) else [h]
     for v in values:
@@ -51,7 +55,8 @@ def sgd(lr: Hyper, momentum: Hyper = 0.0, weight_decay: Hyper = 0.0, nesterov: b
     _check_nonnegative(lr, "inner learning rate")
     _check_nonnegative(momentum, "momentum")
     _check_nonnegative(weight_decay, "weight decay")
-    use_momentum = not (isinstance(momentum, (int, float)) and momentum == 0.0)
+    use_momentum = not _is_zero(momentum)
+    use_weight_decay = not _is_zero(weight_decay)
 
     def init(params: Params) -> OptState:
         if not use_momentum:
@@ -61,7 +66,7 @@ def sgd(lr: Hyper, momentum: Hyper = 0.0, weight_decay: Hyper = 0.0, nesterov: b
     def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
         new_params, new_buf = {}, {}
         for name, w in params.items():
-            g = grads[name] + _value(weight_decay, name) * w
+            g = grads[name] + _value(weight_decay, name) * w if use_weight_decay else grads[name]
             if use_momentum:
                 mu = _value(momentum, name)
                 b = mu * state["momentum"][name] + g

@@ -54,7 +54,10 @@ def load_split(path: str | Path) -> tuple[Tensor, Tensor, list[str]]:
     names = sorted(data["class_dict"])
     labels = np.full(len(images), -1, dtype=np.int64)
     for label, name in enumerate(names):
-        labels[np.asarray(data["class_dict"][name], dtype=np.int64)] = label
+        rows = np.asarray(data["class_dict"][name], dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(images)):
+            raise ConfigError(f"{path}: class {name!r} lists rows outside 0..{len(images) - 1}")
+        labels[rows] = label
     if (labels < 0).any():
         raise ConfigError(f"{path}: {(labels < 0).sum()} images belong to no class in class_dict")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), names
@@ -64,7 +67,7 @@ def miniimagenet_task(root: str, n_way: int = 5, k_shot: int = 1, q_query: int =
     """N-way K-shot episodes on the 64 / 16 / 20 class train / val / test split."""
     root_path = check_files(root)
     samplers = []
-    for name in FILES.values():
+    for split, name in FILES.items():
         images, labels, names = load_split(root_path / name)
-        samplers.append(FewShotSampler(images, labels, range(len(names)), n_way, k_shot, q_query, seed=seed))
+        samplers.append(FewShotSampler(images, labels, range(len(names)), n_way, k_shot, q_query, seed, split))
     return TaskSplits(*samplers, loss="cross_entropy", metric="accuracy")

@@ -1,0 +1,243 @@
+"""scripts/meta_train.py end to end, as a user runs it: a subprocess per run, tiny settings.
+
+Python start-up (torch, Hydra, TensorBoard) dominates each run, so the runs of a fixture are
+launched together, as many at a time as there are CPU cores, each with one torch thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "scripts" / "meta_train.py"
+MINI_FILES = ("mini-imagenet-cache-train.pkl", "mini-imagenet-cache-validation.pkl", "mini-imagenet-cache-test.pkl")
+TINY = [
+    "progress=false",
+    "threads=1",
+    "train.meta_steps=3",
+    "train.meta_batch=2",
+    "train.validate_every=2",
+    "train.val_tasks=2",
+    "baseline.steps=2",
+    "baseline.tasks_per_step=2",
+    "test.num_tasks=5",
+]
+TIMING_KEYS = {"train_seconds", "total_seconds"}
+
+
+@dataclass
+class Run:
+    dir: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.dir / "metrics.json"
+
+    def metrics(self) -> dict:
+        return json.loads(self.metrics_file.read_text())
+
+    def last_stdout_json(self) -> dict:
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+    def explain(self) -> str:
+        return f"exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
+
+
+def run_script(run_dir: Path, overrides: list[str]) -> Run:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), f"hydra.run.dir={run_dir}", *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return Run(run_dir, proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_all(base: Path, plans: dict[str, list[str]]) -> dict[str, Run]:
+    """Run every plan (name -> overrides) in its own run directory base/name/run, concurrently."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(run_script, base / name / "run", overrides) for name, overrides in plans.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+ALGORITHMS = {
+    "maml": ["algorithm=maml"],
+    "fomaml": ["algorithm=fomaml"],
+    "anil": ["algorithm=anil"],
+    "metasgd": ["algorithm=metasgd"],
+    "truncated": ["hypergrad=truncated", "problem.inner_steps=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, make_miniimagenet) -> dict[str, Run]:
+    """Successful runs: every algorithm, a repeat of the first (determinism), and mini-ImageNet."""
+    base = tmp_path_factory.mktemp("meta_train")
+    mini = base / "mini-data"
+    make_miniimagenet(mini, n_classes=6, per_class=3)
+    # the variants skip what the default run already covers: TensorBoard and the pretrained baseline
+    lean = ["logger=none", "baseline.enabled=false"]
+    plans = {name: TINY + overrides + (lean if name != "maml" else []) for name, overrides in ALGORITHMS.items()}
+    plans["maml_again"] = plans["maml"]
+    plans["miniimagenet"] = TINY + [
+        "task=miniimagenet",
+        f"task.root={mini}",
+        "task.q_query=1",
+        "model.filters=4",
+        "train.meta_steps=2",
+        "baseline.steps=1",
+        "test.num_tasks=2",
+        "test.steps=[0,1]",
+    ]
+    return run_all(base, plans)
+
+
+BAD = {
+    "inner_lr": (["inner_opt.lr=-1"], "inner learning rate"),
+    "inner_steps": (["problem.inner_steps=0"], "inner_steps"),
+    "task": (["task=nope"], "unknown task 'nope'; available: miniimagenet, sinusoid"),
+    "algorithm": (["algorithm=nope"], "unknown algorithm 'nope'; available: anil, fomaml, maml, metasgd"),
+    "outer_lr": (["outer_opt.lr=-1"], "outer_opt"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory) -> dict[str, Run]:
+    base = tmp_path_factory.mktemp("meta_train_bad")
+    empty = base / "empty-data"
+    empty.mkdir()
+    plans = {name: TINY + overrides for name, (overrides, _) in BAD.items()}
+    plans["mini_missing"] = TINY + ["task=miniimagenet", f"task.root={empty}"]
+    return run_all(base, plans)
+
+
+def test_default_run_writes_metrics_events_and_checkpoint(runs):
+    run = runs["maml"]
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert run.last_stdout_json() == metrics  # the last stdout line is metrics.json
+    assert metrics["task"] == "sinusoid" and metrics["algorithm"] == "maml" and metrics["hypergrad"] == "unrolled"
+    assert metrics["meta_steps"] == 3 and metrics["test_tasks"] == 5
+    for prefix in ("meta", "pretrained"):
+        for t in (0, 1, 10):
+            mean, ci = metrics[f"{prefix}/loss_step{t}"], metrics[f"{prefix}/loss_step{t}_ci95"]
+            assert math.isfinite(mean) and mean > 0
+            assert math.isfinite(ci) and ci > 0
+    assert metrics["total_seconds"] >= metrics["train_seconds"] >= 0
+
+    events = sorted((run.dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+
+    checkpoint = torch.load(run.dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["step"] == 3
+    assert "init" in checkpoint["meta"] and "outer_opt" in checkpoint
+    assert checkpoint["config"]["train"]["meta_steps"] == 3
+
+
+def test_tensorboard_events_hold_training_validation_and_test_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = runs["maml"]
+    assert run.returncode == 0, run.explain()
+    acc = EventAccumulator(str(run.dir / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"meta_train/loss", "meta_val/loss_step1", "meta_test/loss_step10", "pretrained_test/loss_step0"} <= tags
+    assert [e.step for e in acc.Scalars("meta_train/loss")] == [0, 2]  # log_every=20: first and last step
+    assert [e.step for e in acc.Scalars("meta_val/loss_step1")] == [1]  # validate_every=2 of 3 steps
+    logged = acc.Scalars("meta_test/loss_step10")[-1].value
+    assert logged == pytest.approx(run.metrics()["meta/loss_step10"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_each_algorithm_runs(runs, name):
+    run = runs[name]
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert run.last_stdout_json() == metrics
+    expected = {
+        "maml": ("maml", "unrolled"),
+        "fomaml": ("fomaml", "first_order"),
+        "anil": ("anil", "unrolled"),
+        "metasgd": ("metasgd", "unrolled"),
+        "truncated": ("maml", "truncated"),
+    }[name]
+    assert (metrics["algorithm"], metrics["hypergrad"]) == expected
+    assert all(math.isfinite(metrics[f"meta/loss_step{t}"]) for t in (0, 1, 10))
+    assert (run.dir / "checkpoint.pt").is_file()
+    assert any(key.startswith("pretrained/") for key in metrics) == (name == "maml")  # baseline.enabled=false
+    checkpoint = torch.load(run.dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ("inner_opt" in checkpoint["meta"]) == (name == "metasgd")  # Meta-SGD's learned rates are phi
+
+
+def test_same_seed_gives_identical_metrics(runs):
+    a, b = runs["maml"], runs["maml_again"]
+    assert a.returncode == b.returncode == 0, a.explain() + b.explain()
+    ma, mb = ({k: v for k, v in run.metrics().items() if k not in TIMING_KEYS} for run in (a, b))
+    assert ma == mb
+    ca = torch.load(a.dir / "checkpoint.pt", map_location="cpu", weights_only=False)["meta"]["init"]
+    cb = torch.load(b.dir / "checkpoint.pt", map_location="cpu", weights_only=False)["meta"]["init"]
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+def test_algorithms_differ(runs):
+    """The variants are really different runs: ANIL and Meta-SGD end with other meta-test losses than MAML."""
+    losses = {name: runs[name].metrics()["meta/loss_step1"] for name in ("maml", "anil", "metasgd")}
+    assert len(set(losses.values())) == 3
+
+
+def test_miniimagenet_fixture_runs_end_to_end(runs):
+    run = runs["miniimagenet"]
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert run.last_stdout_json() == metrics
+    assert metrics["task"] == "miniimagenet" and metrics["meta_steps"] == 2 and metrics["test_tasks"] == 2
+    for prefix in ("meta", "pretrained"):
+        for t in (0, 1):
+            assert math.isfinite(metrics[f"{prefix}/loss_step{t}"])
+            # 2 tasks x 5 queries: accuracy is a multiple of 1/10 in [0, 1]
+            accuracy = metrics[f"{prefix}/accuracy_step{t}"]
+            assert 0.0 <= accuracy <= 1.0 and round(accuracy * 10, 6) == round(accuracy * 10)
+        assert f"{prefix}/loss_step10" not in metrics
+    assert (run.dir / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_is_one_error_line(bad_runs, name):
+    run, expected = bad_runs[name], BAD[name][1]
+    assert run.returncode != 0, run.explain()
+    assert "Traceback" not in run.stderr, run.explain()
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), run.explain()
+    assert expected in last
+    assert not run.metrics_file.exists()
+    assert not (run.dir / "checkpoint.pt").exists()
+
+
+def test_missing_miniimagenet_names_files_directory_and_key(bad_runs):
+    run = bad_runs["mini_missing"]
+    assert run.returncode != 0, run.explain()
+    assert "Traceback" not in run.stderr, run.explain()
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), run.explain()
+    for name in MINI_FILES:
+        assert name in lines[0]
+    empty = run.dir.parent.parent / "empty-data"
+    assert str(empty.resolve()) in lines[0]
+    assert "task.root" in lines[0]
+    assert not run.metrics_file.exists()

@@ -1,0 +1,228 @@
+"""Every option of every config group composes with meta_train.yaml, and its node instantiates."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metaloss.errors import DataNotFoundError
+from metaloss.hypergrad import Unrolled
+from metaloss.inner.optim import InnerOptimizer
+from metaloss.logging import NullLogger, TensorBoardLogger
+from metaloss.meta import HyperparameterOptimizer, MetaSGD
+from metaloss.models import MLP, Conv4
+from tasks.base import TaskSplits
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+GROUPS = ("task", "model", "algorithm", "inner_opt", "hypergrad", "outer_opt", "logger")
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONFIG_DIR / group).glob("*.yaml"))]
+
+
+@functools.cache
+def load_common():
+    """scripts/common.py, which is not a package module."""
+    spec = importlib.util.spec_from_file_location("metaloss_scripts_common", REPO_ROOT / "scripts" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose_with(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("meta_train", overrides=list(overrides))
+
+
+def test_every_group_directory_is_covered():
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    assert groups == set(GROUPS)
+    assert all(any(g == group for g, _ in OPTIONS) for group in GROUPS)
+
+
+def test_defaults():
+    cfg = compose_with()
+    assert cfg.task._target_ == "tasks.synthetic.sinusoid_task"
+    assert cfg.model._target_ == "metaloss.models.MLP"
+    assert cfg.inner_opt.name == "sgd" and cfg.inner_opt._target_ == "metaloss.meta.HyperparameterOptimizer"
+    assert cfg.hypergrad.mode == "full"
+    assert cfg.outer_opt._target_ == "torch.optim.Adam"
+    assert cfg.logger._target_ == "metaloss.logging.TensorBoardLogger"
+    assert cfg.problem.adapt is None and cfg.problem.inner_steps == 1
+    assert cfg.task.seed == cfg.seed == 0  # the task follows the global seed
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option):
+    cfg = compose_with(f"{group}={option}")
+    raw = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
+    if "_target_" in raw:  # a plain group node: it lands at cfg[group] unchanged
+        assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(raw)
+    # everything but the Hydra-runtime interpolation of the logger (and conv4's task.n_way) resolves
+    skip = {"logger"}
+    if cfg.model._target_ == "metaloss.models.Conv4" and "n_way" not in cfg.task:
+        skip.add("model")
+    OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in skip]), resolve=True)
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "hypergrad"])
+def test_hypergrad_instantiates(option):
+    estimator = instantiate(compose_with(f"hypergrad={option}").hypergrad)
+    assert isinstance(estimator, Unrolled)
+    assert estimator.mode == {"unrolled": "full"}.get(option, option)
+    assert (estimator.truncation is not None) == (option == "truncated")
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "inner_opt"])
+def test_inner_opt_instantiates_and_takes_a_first_step_of_its_lr(option):
+    cfg = compose_with(f"inner_opt={option}")
+    model = MLP(1, [4], 1)
+    module = instantiate(cfg.inner_opt, model=model) if option == "metasgd" else instantiate(cfg.inner_opt)
+    assert isinstance(module, MetaSGD if option == "metasgd" else HyperparameterOptimizer)
+    opt = module()
+    assert isinstance(opt, InnerOptimizer)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: torch.full_like(p, 0.5) for name, p in params.items()}
+    new, _ = opt.update(grads, opt.init(params), params)
+    for name, p in params.items():
+        # first step of SGD / momentum / Meta-SGD: lr * g; of Adam: lr * g / |g| (bias-corrected)
+        step = cfg.inner_opt.lr * (1.0 if option == "adam" else 0.5)
+        torch.testing.assert_close(p - new[name], torch.full_like(p, step), rtol=1e-4, atol=1e-7)
+
+
+def test_metasgd_learns_one_rate_per_parameter_element():
+    model = MLP(1, [4], 1)
+    module = instantiate(compose_with("inner_opt=metasgd").inner_opt, model=model)
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "model"])
+def test_model_instantiates_and_runs(option):
+    # conv4 takes n_classes from task.n_way, so it is composed with the task that defines it
+    overrides = ["task=miniimagenet", f"model={option}"] if option == "conv4" else [f"model={option}"]
+    cfg = compose_with(*overrides)
+    model = instantiate(cfg.model)
+    if option == "conv4":
+        assert isinstance(model, Conv4)
+        out = model(torch.rand(2, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size))
+        assert out.shape == (2, cfg.task.n_way)
+    else:
+        assert isinstance(model, MLP)
+        assert model(torch.rand(3, cfg.model.in_features)).shape == (3, cfg.model.out_features)
+    assert any(name.startswith("head.") for name, _ in model.named_parameters())  # what ANIL adapts
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "outer_opt"])
+def test_outer_opt_instantiates(option):
+    cfg = compose_with(f"outer_opt={option}")
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = instantiate(cfg.outer_opt)([param])
+    assert isinstance(opt, {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[option])
+    assert opt.param_groups[0]["lr"] == cfg.outer_opt.lr
+    param.grad = torch.ones(3)
+    opt.step()
+    assert (param < 0).all()
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "logger"])
+def test_logger_instantiates(option, tmp_path):
+    cfg = compose_with(f"logger={option}")
+    if option == "tensorboard":
+        # its log_dir lives in the Hydra run directory, known only inside a Hydra run
+        assert OmegaConf.to_container(cfg.logger)["log_dir"] == "${hydra:runtime.output_dir}/tensorboard"
+        logger = instantiate(cfg.logger, log_dir=str(tmp_path))
+        assert isinstance(logger, TensorBoardLogger)
+    else:
+        logger = instantiate(cfg.logger)
+        assert isinstance(logger, NullLogger)
+    logger.log(0, {"loss": 1.0}, prefix="test/")
+    logger.close()
+    assert bool(list(tmp_path.glob("events.out.tfevents.*"))) == (option == "tensorboard")
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "task"])
+def test_task_instantiates(option, mini_root):
+    data = [f"task.root={mini_root}", "task.q_query=2"] if option == "miniimagenet" else []
+    cfg = compose_with(f"task={option}", "seed=7", *data)
+    assert cfg.task.seed == 7
+    splits = instantiate(cfg.task)
+    assert isinstance(splits, TaskSplits)
+    assert splits.loss == {"sinusoid": "mse", "miniimagenet": "cross_entropy"}[option]
+    episode = splits.train.episode(0)
+    assert len(episode.support_x) == len(episode.support_y) > 0
+
+
+def test_task_selects_its_model():
+    assert compose_with("task=miniimagenet").model._target_ == "metaloss.models.Conv4"
+    assert compose_with("task=sinusoid").model._target_ == "metaloss.models.MLP"
+    cfg = compose_with("task=miniimagenet", "task.n_way=3")
+    assert cfg.model.n_classes == 3
+
+
+def test_miniimagenet_default_root_missing_reports_the_key(tmp_path):
+    cfg = compose_with("task=miniimagenet", f"task.root={tmp_path / 'nowhere'}")
+    with pytest.raises(Exception) as info:  # Hydra's instantiate may wrap the error
+        instantiate(cfg.task)
+    cause = info.value
+    while cause is not None and not isinstance(cause, DataNotFoundError):
+        cause = cause.__cause__ or cause.__context__
+    assert cause is not None and "task.root" in str(cause)
+
+
+def test_algorithm_anil_adapts_the_head_only():
+    assert list(compose_with("algorithm=anil").problem.adapt) == ["head"]
+    assert compose_with("algorithm=maml").problem.adapt is None
+
+
+def test_algorithm_maml_is_the_default_full_unrolled_sgd():
+    cfg = compose_with("algorithm=maml")
+    assert cfg.hypergrad.mode == "full" and cfg.inner_opt.name == "sgd"
+    assert cfg == compose_with()
+
+
+def test_algorithm_fomaml_selects_first_order():
+    cfg = compose_with("algorithm=fomaml")
+    assert cfg.hypergrad.mode == "first_order"
+    assert isinstance(instantiate(cfg.hypergrad), Unrolled)
+
+
+def test_algorithm_metasgd_selects_metasgd():
+    cfg = compose_with("algorithm=metasgd")
+    assert cfg.inner_opt._target_ == "metaloss.meta.MetaSGD"
+
+
+@pytest.mark.parametrize("order", ["hypergrad-first", "algorithm-first"])
+def test_command_line_hypergrad_wins_over_the_algorithm(order):
+    overrides = ["hypergrad=truncated", "algorithm=fomaml"]
+    cfg = compose_with(*(overrides if order == "hypergrad-first" else overrides[::-1]))
+    assert cfg.hypergrad.mode == "truncated" and cfg.hypergrad.truncation == 1
+
+
+def test_command_line_inner_opt_wins_over_metasgd():
+    assert compose_with("algorithm=metasgd", "inner_opt=adam").inner_opt.name == "adam"
+
+
+def test_algorithm_overlays_leave_the_task_alone():
+    for option in [o for g, o in OPTIONS if g == "algorithm"]:
+        cfg = compose_with("task=miniimagenet", f"algorithm={option}")
+        assert cfg.task._target_ == "tasks.datasets.miniimagenet.miniimagenet_task"
+        assert cfg.model._target_ == "metaloss.models.Conv4"
+
+
+@pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] != "logger"], ids=lambda v: str(v))
+def test_every_option_builds_a_whole_problem(group, option, mini_root):
+    """scripts/common.build on the composed config: task, model, inner_opt, hypergrad and outer_opt together."""
+    overrides = [f"{group}={option}"]
+    if (group, option) in {("task", "miniimagenet"), ("model", "conv4")}:
+        overrides += ["task=miniimagenet", f"task.root={mini_root}", "task.q_query=2", "model.filters=4"]
+    built = load_common().build(compose_with(*overrides))
+    assert built.problem.meta_parameters()
+    assert len(built.outer_opt.param_groups[0]["params"]) == len(built.problem.meta_parameters())
