@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metaloss.errors import ConfigError, DataNotFoundError
+from metaloss.errors import ConfigError
 from tasks.base import TaskSplits
+from tasks.datasets.common import require_files
 from tasks.few_shot import FewShotSampler
 
 FILES = {
@@ -27,14 +28,7 @@ FILES = {
 
 def check_files(root: str | Path, root_key: str = "task.root") -> Path:
     """Raise DataNotFoundError naming the missing files, the directory and the config key."""
-    root = Path(root).expanduser()
-    missing = [name for name in FILES.values() if not (root / name).is_file()]
-    if missing:
-        raise DataNotFoundError(
-            f"mini-ImageNet not found in {root.resolve()}: missing {', '.join(missing)} "
-            f"(the pickled caches); set {root_key}=DIR to the directory that holds them"
-        )
-    return root
+    return require_files(root, FILES.values(), "mini-ImageNet (pickled caches)", root_key)
 
 
 def load_split(path: str | Path) -> tuple[Tensor, Tensor, list[str]]:

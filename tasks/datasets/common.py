@@ -1,0 +1,82 @@
+"""What every reader shares: clear errors for missing files, verified downloads, and caches of
+decoded arrays that are written atomically (a crash never leaves half a cache behind)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from metaloss.errors import ConfigError, DataNotFoundError
+
+
+def require_files(root: str | Path, names: Iterable[str], dataset: str, root_key: str = "task.root") -> Path:
+    """`root` if every file in `names` is there; else one DataNotFoundError naming the missing
+    files, the directory looked in and the config key that sets it. A name ending in "/" must be
+    a directory, any other name a file."""
+    root = Path(root).expanduser()
+    missing = [n for n in names if not ((root / n).is_dir() if n.endswith("/") else (root / n).is_file())]
+    if missing:
+        raise DataNotFoundError(
+            f"{dataset} not found in {root.resolve()}: missing {', '.join(missing)}; "
+            f"set {root_key}=DIR to the directory that holds them"
+        )
+    return root
+
+
+def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
+    """Fetch `url` (any scheme urllib knows, file:// included) to `dest` through a temporary file,
+    check its SHA-256 when given, then rename into place. On any failure nothing is left at `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
+            shutil.copyfileobj(response, out)
+        if sha256 is not None and (actual := sha256sum(tmp)) != sha256.lower():
+            raise ConfigError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}")
+        os.replace(tmp, dest)
+    except OSError as err:
+        raise ConfigError(f"could not download {url}: {err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def cached_arrays(cache: str | Path | None, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Decoded arrays from the `.npz` file `cache` if it exists, else `build()` them and save the
+    cache atomically (temporary file + rename). `cache=None` disables caching."""
+    if cache is not None and Path(cache).is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            Path(cache).unlink()  # unreadable (e.g. from an older version): rebuild it
+    arrays = build()
+    if cache is not None:
+        cache = Path(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=cache.parent, prefix=cache.name + ".", suffix=".part.npz")
+        os.close(fd)
+        try:
+            np.savez(tmp_name, **arrays)
+            os.replace(tmp_name, cache)
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+    return arrays
