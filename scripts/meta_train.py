@@ -50,6 +50,8 @@ def main(cfg: DictConfig) -> None:
     with config_errors():
         validate_run_settings(cfg)
         built = build(cfg)
+        if built.splits.train is None or built.splits.val is None:
+            raise ConfigError(f"task {choices.task!r} only evaluates; meta-test a checkpoint on it with meta_test.py")
         dtype = dtype_of(cfg)
         logger = instantiate(cfg.logger)
     problem, splits = built.problem, built.splits

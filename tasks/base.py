@@ -46,10 +46,11 @@ class TaskSplits:
     """A task family's meta-train, meta-validation and meta-test samplers, and how to score it.
 
     loss: name of the task loss (`metaloss.losses`); metric: name of an extra query metric or None.
+    A benchmark that only evaluates (e.g. the Omniglot one-shot runs) has train = val = None.
     """
 
-    train: TaskSampler
-    val: TaskSampler
+    train: TaskSampler | None
+    val: TaskSampler | None
     test: TaskSampler
     loss: str
     metric: str | None = None

@@ -31,17 +31,27 @@ def require_files(root: str | Path, names: Iterable[str], dataset: str, root_key
     return root
 
 
-def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
-def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
+def sha256sum(path: str | Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def download(url: str, dest: str | Path, checksum: str | None = None) -> Path:
     """Fetch `url` (any scheme urllib knows, file:// included) to `dest` through a temporary file,
-    check its SHA-256 when given, then rename into place. On any failure nothing is left at `dest`."""
+    verify `checksum` ("sha256:<hex>" or "md5:<hex>") when given, then rename into place.
+    On any failure nothing is left at `dest`."""
+    algorithm, expected = None, None
+    if checksum is not None:
+        algorithm, _, expected = checksum.partition(":")
+        if algorithm not in ("sha256", "md5") or not expected:
+            raise ConfigError(f"checksum must look like 'sha256:<hex>' or 'md5:<hex>', got {checksum!r}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
@@ -49,8 +59,8 @@ def download(url: str, dest: str | Path, sha256: str | None = None) -> Path:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
             shutil.copyfileobj(response, out)
-        if sha256 is not None and (actual := sha256sum(tmp)) != sha256.lower():
-            raise ConfigError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}")
+        if algorithm is not None and (actual := file_digest(tmp, algorithm)) != expected.lower():
+            raise ConfigError(f"checksum mismatch for {url}: expected {algorithm} {expected}, got {actual}")
         os.replace(tmp, dest)
     except OSError as err:
         raise ConfigError(f"could not download {url}: {err}") from None

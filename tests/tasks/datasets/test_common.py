@@ -26,11 +26,15 @@ def test_download_from_a_file_url_checks_the_checksum(tmp_path) -> None:
     source = tmp_path / "source.bin"
     source.write_bytes(b"omniglot" * 1000)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    dest = download(source.as_uri(), tmp_path / "out" / "data.bin", sha256=digest)
+    dest = download(source.as_uri(), tmp_path / "out" / "data.bin", checksum=f"sha256:{digest}")
     assert dest.read_bytes() == source.read_bytes() and sha256sum(dest) == digest
+    md5 = hashlib.md5(source.read_bytes()).hexdigest()
+    assert download(source.as_uri(), tmp_path / "out" / "md5.bin", checksum=f"md5:{md5}").is_file()
     with pytest.raises(ConfigError, match="checksum mismatch"):
-        download(source.as_uri(), tmp_path / "out" / "bad.bin", sha256="0" * 64)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.bin"]  # no partial file left
+        download(source.as_uri(), tmp_path / "out" / "bad.bin", checksum="sha256:" + "0" * 64)
+    with pytest.raises(ConfigError, match="checksum must look like"):
+        download(source.as_uri(), tmp_path / "out" / "bad.bin", checksum="crc32:1234")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.bin", "md5.bin"]  # no partial file
 
 
 def test_download_of_a_missing_url_is_a_clear_error(tmp_path) -> None:
