@@ -34,7 +34,8 @@ class Conv4(nn.Module):
 
     Block: conv3x3(filters) -> BatchNorm -> ReLU -> downsample, where downsampling is
     a stride-2 convolution (`pool="stride"`, MAML's Omniglot variant) or a 2x2
-    max-pool (`pool="max"`, its mini-ImageNet variant). Head: linear on the flattened features.
+    max-pool (`pool="max"`, its mini-ImageNet variant). Head: linear on the flattened features,
+    or on their spatial mean (`global_pool=True`, as MAML's Omniglot model: 64 features).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class Conv4(nn.Module):
         filters: int = 64,
         image_size: int = 28,
         pool: str = "stride",
+        global_pool: bool = False,
     ) -> None:
         super().__init__()
         if pool not in ("stride", "max"):
@@ -64,8 +66,49 @@ class Conv4(nn.Module):
             size = (size + 1) // 2 if pool == "stride" else size // 2
         if size < 1:
             raise ConfigError(f"image_size {image_size} is too small for four downsampling blocks")
+        if global_pool:
+            blocks += [nn.AdaptiveAvgPool2d(1)]
+            size = 1
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.head = nn.Linear(filters * size * size, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [n, C, H, W] -> [n, n_classes]
+        return self.head(self.features(x))
+
+
+class _ResidualBlock(nn.Module):
+    """Three conv3x3-BatchNorm-LeakyReLU(0.1) layers, a 1x1-conv + BatchNorm shortcut, 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(3):
+            layers += [nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=False)]
+            layers += [nn.BatchNorm2d(out_channels)]
+            if i < 2:
+                layers += [nn.LeakyReLU(0.1)]
+        self.body = nn.Sequential(*layers)
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+
+    def forward(self, x: Tensor) -> Tensor:  # [n, C_in, H, W] -> [n, C_out, H/2, W/2]
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 of TADAM (Oreshkin et al. 2018) and MetaOptNet (Lee et al. 2019): four residual
+    blocks of widths (64, 160, 320, 640), global average pooling, linear head. No DropBlock."""
+
+    def __init__(self, n_classes: int = 5, in_channels: int = 3, widths: Sequence[int] = (64, 160, 320, 640)) -> None:
+        super().__init__()
+        if n_classes < 1 or in_channels < 1 or len(widths) != 4 or any(w < 1 for w in widths):
+            raise ConfigError(f"ResNet12 needs positive n_classes, in_channels and four widths, got {list(widths)}")
+        blocks, channels = [], in_channels
+        for width in widths:
+            blocks.append(_ResidualBlock(channels, width))
+            channels = width
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(channels, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [n, C, H, W] -> [n, n_classes]
         return self.head(self.features(x))

@@ -77,7 +77,14 @@ def main(cfg: DictConfig) -> None:
     )
     train_seconds = time.time() - started
     if cfg.checkpoint:
-        save_checkpoint(run_dir / "checkpoint.pt", problem, built.outer_opt, cfg.train.meta_steps, config=resolved(cfg))
+        save_checkpoint(
+            run_dir / "checkpoint.pt",
+            problem,
+            built.outer_opt,
+            cfg.train.meta_steps,
+            config=resolved(cfg),
+            choices={k: v for k, v in choices.items() if isinstance(v, str) and "/" not in k},
+        )
 
     metrics: dict[str, object] = {
         "task": choices.task,

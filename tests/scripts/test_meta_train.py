@@ -6,74 +6,11 @@ launched together, as many at a time as there are CPU cores, each with one torch
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "scripts" / "meta_train.py"
-MINI_FILES = ("mini-imagenet-cache-train.pkl", "mini-imagenet-cache-validation.pkl", "mini-imagenet-cache-test.pkl")
-TINY = [
-    "progress=false",
-    "threads=1",
-    "train.meta_steps=3",
-    "train.meta_batch=2",
-    "train.validate_every=2",
-    "train.val_tasks=2",
-    "baseline.steps=2",
-    "baseline.tasks_per_step=2",
-    "test.num_tasks=5",
-]
-TIMING_KEYS = {"train_seconds", "total_seconds"}
-
-
-@dataclass
-class Run:
-    dir: Path
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.dir / "metrics.json"
-
-    def metrics(self) -> dict:
-        return json.loads(self.metrics_file.read_text())
-
-    def last_stdout_json(self) -> dict:
-        return json.loads(self.stdout.strip().splitlines()[-1])
-
-    def explain(self) -> str:
-        return f"exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
-
-
-def run_script(run_dir: Path, overrides: list[str]) -> Run:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), f"hydra.run.dir={run_dir}", *overrides],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    return Run(run_dir, proc.returncode, proc.stdout, proc.stderr)
-
-
-def run_all(base: Path, plans: dict[str, list[str]]) -> dict[str, Run]:
-    """Run every plan (name -> overrides) in its own run directory base/name/run, concurrently."""
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(run_script, base / name / "run", overrides) for name, overrides in plans.items()}
-        return {name: future.result() for name, future in futures.items()}
-
+from script_runner import MINI_FILES, TIMING_KEYS, TINY, Run, run_all
 
 ALGORITHMS = {
     "maml": ["algorithm=maml"],
@@ -110,7 +47,7 @@ def runs(tmp_path_factory, make_miniimagenet) -> dict[str, Run]:
 BAD = {
     "inner_lr": (["inner_opt.lr=-1"], "inner learning rate"),
     "inner_steps": (["problem.inner_steps=0"], "inner_steps"),
-    "task": (["task=nope"], "unknown task 'nope'; available: miniimagenet, sinusoid"),
+    "task": (["task=nope"], "unknown task 'nope'; available: "),
     "algorithm": (["algorithm=nope"], "unknown algorithm 'nope'; available: anil, fomaml, maml, metasgd"),
     "outer_lr": (["outer_opt.lr=-1"], "outer_opt"),
 }

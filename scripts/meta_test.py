@@ -1,0 +1,87 @@
+"""Meta-test a checkpoint written by meta_train.py: mean accuracy (or loss) with a 95% confidence
+interval over fixed episodes, and the error rate in percent for classification tasks.
+
+    python scripts/meta_test.py checkpoint=outputs/.../checkpoint.pt
+    python scripts/meta_test.py checkpoint=ckpt.pt task=omniglot_lake task.root=DIR test.steps=[10]
+
+The episodes are fixed by the task's seed, so two evaluations of one checkpoint see the same tasks.
+The last stdout line is the metrics JSON, also written to metrics.json in the run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import build_problem, check_group_choices, config_errors, dtype_of, finish  # noqa: E402
+
+from metaloss.checkpoint import load_checkpoint  # noqa: E402
+from metaloss.engine import evaluate  # noqa: E402
+from metaloss.errors import ConfigError  # noqa: E402
+
+
+def read_checkpoint(path: str) -> dict:
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint not found: {Path(path).resolve()} (set checkpoint=PATH)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: torch raises several types
+        raise ConfigError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "meta" not in state or "config" not in state:
+        raise ConfigError(f"{path} is not a meta_train.py checkpoint (no 'meta' and 'config' entries)")
+    return state
+
+
+@hydra.main(config_path="../configs", config_name="meta_test", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    started = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    with config_errors():
+        state = read_checkpoint(cfg.checkpoint)
+        trained = OmegaConf.create(state["config"])
+        task_node = cfg.task if cfg.get("task") is not None else trained.task
+        task_name = HydraConfig.get().runtime.choices.get("task") or state.get("choices", {}).get("task")
+        splits = instantiate(task_node)
+        problem = build_problem(trained, instantiate(trained.model), splits)
+        load_checkpoint(cfg.checkpoint, problem)
+        steps = list(cfg.test.steps if cfg.test.steps is not None else trained.test.steps)
+        sampler = splits.test
+        num_tasks = min(cfg.test.num_tasks, len(sampler)) if hasattr(sampler, "__len__") else cfg.test.num_tasks
+        if num_tasks < 1 or not steps or min(steps) < 0:
+            raise ConfigError(f"test.num_tasks must be >= 1 and test.steps >= 0, got {num_tasks}, {steps}")
+        dtype = dtype_of(trained)
+        first = sampler.episode(0).to(trained.device, dtype)
+        if splits.metric == "accuracy":
+            with torch.no_grad():
+                outputs = problem.predict(problem.init(), first.support_x[:1]).shape[-1]
+            n_way = int(first.support_y.max()) + 1
+            if outputs != n_way:
+                raise ConfigError(f"the checkpoint's model has {outputs} outputs but the task is {n_way}-way")
+
+    result = evaluate(
+        problem, sampler, num_tasks, steps, device=trained.device, dtype=dtype, progress=cfg.progress, desc="meta-test"
+    )
+    metrics: dict[str, object] = {"checkpoint": str(cfg.checkpoint), "task": task_name, "test_tasks": num_tasks}
+    metrics.update(result)
+    if splits.metric == "accuracy":
+        for t in steps:
+            metrics[f"error_percent_step{t}"] = 100.0 * (1.0 - result[f"accuracy_step{t}"])
+            metrics[f"error_percent_step{t}_ci95"] = 100.0 * result[f"accuracy_step{t}_ci95"]
+    metrics["total_seconds"] = round(time.time() - started, 2)
+    finish(run_dir, metrics)
+
+
+if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
+    main()

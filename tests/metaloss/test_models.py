@@ -1,0 +1,47 @@
+"""Backbones: output shapes and the parameter counts of the published architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaloss.errors import ConfigError
+from metaloss.models import MLP, Conv4, ResNet12
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_maml_sinusoid_mlp() -> None:
+    model = MLP(1, (40, 40), 1)
+    assert model(torch.zeros(7, 1)).shape == (7, 1)
+    assert n_params(model) == (1 * 40 + 40) + (40 * 40 + 40) + (40 + 1)
+
+
+def test_maml_omniglot_conv4_has_64_features_after_the_mean() -> None:
+    model = Conv4(20, in_channels=1, filters=64, image_size=28, pool="stride", global_pool=True)
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 20)
+    convs = (1 * 9 * 64 + 64) + 3 * (64 * 9 * 64 + 64)
+    assert n_params(model) == convs + 4 * 2 * 64 + (64 * 20 + 20)
+
+
+def test_maml_miniimagenet_conv4_flattens_5x5x32() -> None:
+    model = Conv4(5, in_channels=3, filters=32, image_size=84, pool="max")
+    assert model(torch.zeros(2, 3, 84, 84)).shape == (2, 5)
+    assert model.head.in_features == 32 * 5 * 5
+
+
+def test_resnet12_shape_and_size() -> None:
+    model = ResNet12(5, in_channels=3, widths=(8, 16, 32, 64))
+    assert model(torch.zeros(2, 3, 84, 84)).shape == (2, 5)
+    assert 12.3e6 < n_params(ResNet12(5)) < 12.5e6  # the usual "12.4M" ResNet-12
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: MLP(0), lambda: Conv4(pool="avg"), lambda: Conv4(image_size=0), lambda: ResNet12(widths=(1, 2))],
+)
+def test_invalid_shapes_are_rejected(make) -> None:
+    with pytest.raises(ConfigError):
+        make()

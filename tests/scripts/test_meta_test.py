@@ -1,0 +1,86 @@
+"""scripts/meta_test.py end to end: evaluates meta_train.py checkpoints on fixed episodes."""
+
+from __future__ import annotations
+
+import pytest
+from script_runner import META_TEST, TIMING_KEYS, TINY, Run, run_all, run_script
+
+MT = ["progress=false", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, make_miniimagenet) -> dict:
+    """A sinusoid and a 5-way mini-ImageNet checkpoint, trained for a few steps."""
+    base = tmp_path_factory.mktemp("meta_test_ckpt")
+    mini = base / "mini-data"
+    make_miniimagenet(mini, n_classes=6, per_class=3)
+    plans = {
+        "sinusoid": TINY + ["logger=none", "baseline.enabled=false"],
+        "mini": TINY
+        + ["logger=none", "baseline.enabled=false", "task=miniimagenet", f"task.root={mini}", "task.q_query=1"]
+        + ["model.filters=4", "train.meta_steps=2", "test.num_tasks=2", "test.steps=[0,1]"],
+    }
+    runs = run_all(base, plans)
+    for run in runs.values():
+        assert run.returncode == 0, run.explain()
+    return {"runs": runs, "mini": mini, "base": base}
+
+
+@pytest.fixture(scope="module")
+def evaluations(trained) -> dict[str, Run]:
+    sin = trained["runs"]["sinusoid"].dir / "checkpoint.pt"
+    mini = trained["runs"]["mini"].dir / "checkpoint.pt"
+    plans = {
+        "sinusoid": MT + [f"checkpoint={sin}", "test.num_tasks=7", "test.steps=[0,2]"],
+        "sinusoid_again": MT + [f"checkpoint={sin}", "test.num_tasks=7", "test.steps=[0,2]"],
+        "mini": MT + [f"checkpoint={mini}", "test.num_tasks=3"],
+        "missing": MT + [f"checkpoint={trained['base']}/nope.pt"],
+        "not_a_checkpoint": MT + [f"checkpoint={trained['mini']}/mini-imagenet-cache-test.pkl"],
+        "wrong_way": MT + [f"checkpoint={mini}", "task=miniimagenet", f"task.root={trained['mini']}", "task.n_way=3"],
+    }
+    return run_all(trained["base"] / "evaluations", plans, script=META_TEST)
+
+
+def test_reports_each_step_with_a_confidence_interval(evaluations) -> None:
+    run = evaluations["sinusoid"]
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert run.last_stdout_json() == metrics
+    assert metrics["task"] == "sinusoid" and metrics["test_tasks"] == 7
+    assert {"loss_step0", "loss_step0_ci95", "loss_step2", "loss_step2_ci95"} <= set(metrics)
+
+
+def test_two_evaluations_see_the_same_tasks(evaluations) -> None:
+    a, b = evaluations["sinusoid"].metrics(), evaluations["sinusoid_again"].metrics()
+    assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {k: v for k, v in b.items() if k not in TIMING_KEYS}
+
+
+def test_classification_reports_accuracy_and_error_percent(evaluations) -> None:
+    run = evaluations["mini"]
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    for t in (0, 1):  # the checkpoint's own test.steps
+        assert 0.0 <= metrics[f"accuracy_step{t}"] <= 1.0
+        assert metrics[f"error_percent_step{t}"] == pytest.approx(100 * (1 - metrics[f"accuracy_step{t}"]))
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("missing", "checkpoint not found"),
+        ("not_a_checkpoint", "is not a readable checkpoint"),
+        ("wrong_way", "has 5 outputs but the task is 3-way"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(evaluations, name: str, fragment: str) -> None:
+    run = evaluations[name]
+    assert run.returncode == 2, run.explain()
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and fragment in last, run.explain()
+    assert not run.metrics_file.exists()
+
+
+def test_a_missing_checkpoint_argument_is_an_error(tmp_path) -> None:
+    run = run_script(tmp_path / "run", MT, script=META_TEST)
+    assert run.returncode != 0 and "checkpoint" in run.stderr
