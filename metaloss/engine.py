@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -58,7 +59,8 @@ def meta_train(
     """Meta-train for `meta_steps` outer steps on meta-batches of `meta_batch` episodes.
 
     Episode indices step*B .. step*B+B-1 of `sampler` form step `step`'s meta-batch, so a run
-    is reproducible from the sampler's seed. Returns the logged metrics of every step.
+    is reproducible from the sampler's seed. Returns the metrics of every step, including the
+    seconds spent sampling the meta-batch and in the meta-step proper.
     """
     if meta_steps < 0 or meta_batch < 1:
         raise ConfigError(f"need meta_steps >= 0 and meta_batch >= 1, got {meta_steps} and {meta_batch}")
@@ -66,9 +68,12 @@ def meta_train(
     history = []
     bar = tqdm(range(meta_steps), desc="meta-train", disable=not progress, dynamic_ncols=True)
     for step in bar:
+        started = time.perf_counter()
         episodes = [e.to(device, dtype) for e in sample_episodes(sampler, step * meta_batch, meta_batch)]
+        sampled = time.perf_counter()
         out = meta_step(problem, estimator, outer_opt, episodes)
         metrics = dict(out.metrics)
+        metrics["seconds/sample"], metrics["seconds/step"] = sampled - started, time.perf_counter() - sampled
         history.append(metrics)
         if step % log_every == 0 or step == meta_steps - 1:
             logger.log(step, metrics, prefix="meta_train/")

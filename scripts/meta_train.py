@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> None:
     def validate(step: int) -> dict[str, float]:
         return evaluate(problem, splits.val, cfg.train.val_tasks, [cfg.problem.inner_steps], device=device, dtype=dtype)
 
-    meta_train(
+    history = meta_train(
         problem,
         built.estimator,
         built.outer_opt,
@@ -93,6 +93,8 @@ def main(cfg: DictConfig) -> None:
         "meta_steps": cfg.train.meta_steps,
         "test_tasks": cfg.test.num_tasks,
         "train_seconds": round(train_seconds, 2),
+        "sample_seconds": round(sum(h["seconds/sample"] for h in history), 2),
+        "step_seconds": round(sum(h["seconds/step"] for h in history), 2),
     }
     test = evaluate(problem, splits.test, cfg.test.num_tasks, steps, device=device, dtype=dtype, progress=cfg.progress)
     metrics.update({f"meta/{k}": v for k, v in test.items()})

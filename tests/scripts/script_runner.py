@@ -25,7 +25,7 @@ TINY = [
     "baseline.tasks_per_step=2",
     "test.num_tasks=5",
 ]
-TIMING_KEYS = {"train_seconds", "total_seconds"}
+TIMING_KEYS = {"train_seconds", "total_seconds", "sample_seconds", "step_seconds"}
 
 
 @dataclass
