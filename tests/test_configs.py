@@ -18,13 +18,20 @@ from metaloss.hypergrad import Unrolled
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.meta import HyperparameterOptimizer, MetaSGD
-from metaloss.models import MLP, Conv4
+from metaloss.models import MLP, Conv4, ResNet12
 from tasks.base import TaskSplits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 GROUPS = ("task", "model", "algorithm", "inner_opt", "hypergrad", "outer_opt", "logger")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONFIG_DIR / group).glob("*.yaml"))]
+TASK_OF_MODEL = {  # models sized by task.n_way
+    "conv4": "miniimagenet",
+    "resnet12": "miniimagenet",
+    "conv4_cifar": "cifar_fs",
+    "conv4_omniglot": "omniglot",
+}
+CIFAR_TASKS = ("cifar_fs", "fc100")
 
 
 @functools.cache
@@ -42,9 +49,29 @@ def compose_with(*overrides: str) -> DictConfig:
         return compose("meta_train", overrides=list(overrides))
 
 
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory, make_cifar100):
+    """A tiny CIFAR-100 (2 images per class) for the CIFAR-FS and FC100 tasks."""
+    root = tmp_path_factory.mktemp("cifar100")
+    make_cifar100(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def omniglot_overrides(tmp_path_factory, make_omniglot, make_lake_runs) -> dict[str, list[str]]:
+    """Overrides pointing the Omniglot tasks at tiny fixtures (minimal sets; 2 one-shot runs of 4 classes)."""
+    root = tmp_path_factory.mktemp("omniglot")
+    sets, lake, cache = make_omniglot(root / "sets"), root / "lake", root / "cache"
+    make_lake_runs(lake)
+    return {
+        "omniglot": [f"task.root={sets}", f"task.cache_dir={cache}", "task.n_way=3", "task.q_query=2"],
+        "omniglot_lake": [f"task.root={lake}", "task.n_way=4"],
+    }
+
+
 def test_every_group_directory_is_covered():
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
-    assert groups == set(GROUPS)
+    assert groups == set(GROUPS) | {"experiment"}  # experiments: tests/test_experiments.py
     assert all(any(g == group for g, _ in OPTIONS) for group in GROUPS)
 
 
@@ -68,7 +95,7 @@ def test_every_option_composes(group, option):
         assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(raw)
     # everything but the Hydra-runtime interpolation of the logger (and conv4's task.n_way) resolves
     skip = {"logger"}
-    if cfg.model._target_ == "metaloss.models.Conv4" and "n_way" not in cfg.task:
+    if cfg.model._target_ != "metaloss.models.MLP" and "n_way" not in cfg.task:
         skip.add("model")
     OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in skip]), resolve=True)
 
@@ -107,12 +134,13 @@ def test_metasgd_learns_one_rate_per_parameter_element():
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "model"])
 def test_model_instantiates_and_runs(option):
     # conv4 takes n_classes from task.n_way, so it is composed with the task that defines it
-    overrides = ["task=miniimagenet", f"model={option}"] if option == "conv4" else [f"model={option}"]
+    overrides = [f"task={TASK_OF_MODEL[option]}", f"model={option}"] if option in TASK_OF_MODEL else [f"model={option}"]
     cfg = compose_with(*overrides)
     model = instantiate(cfg.model)
-    if option == "conv4":
-        assert isinstance(model, Conv4)
-        out = model(torch.rand(2, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size))
+    if option in TASK_OF_MODEL:
+        assert isinstance(model, (Conv4, ResNet12))
+        size = cfg.model.get("image_size", 84)
+        out = model(torch.rand(2, cfg.model.in_channels, size, size))
         assert out.shape == (2, cfg.task.n_way)
     else:
         assert isinstance(model, MLP)
@@ -149,14 +177,17 @@ def test_logger_instantiates(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "task"])
-def test_task_instantiates(option, mini_root):
+def test_task_instantiates(option, mini_root, cifar_root, omniglot_overrides):
     data = [f"task.root={mini_root}", "task.q_query=2"] if option == "miniimagenet" else []
+    if option in CIFAR_TASKS:
+        data = [f"task.root={cifar_root}", "task.q_query=1"]
+    data = omniglot_overrides.get(option, data)
     cfg = compose_with(f"task={option}", "seed=7", *data)
-    assert cfg.task.seed == 7
+    assert cfg.task.get("seed", 7) == 7  # the one-shot runs are fixed: no seed
     splits = instantiate(cfg.task)
     assert isinstance(splits, TaskSplits)
-    assert splits.loss == {"sinusoid": "mse", "miniimagenet": "cross_entropy"}[option]
-    episode = splits.train.episode(0)
+    assert splits.loss == {"sinusoid": "mse"}.get(option, "cross_entropy")
+    episode = (splits.test if splits.train is None else splits.train).episode(0)
     assert len(episode.support_x) == len(episode.support_y) > 0
 
 
@@ -165,6 +196,10 @@ def test_task_selects_its_model():
     assert compose_with("task=sinusoid").model._target_ == "metaloss.models.MLP"
     cfg = compose_with("task=miniimagenet", "task.n_way=3")
     assert cfg.model.n_classes == 3
+    for option in CIFAR_TASKS:
+        cfg = compose_with(f"task={option}", "task.n_way=4")
+        assert cfg.model._target_ == "metaloss.models.Conv4" and cfg.model.image_size == 32
+        assert cfg.model.n_classes == 4
 
 
 def test_miniimagenet_default_root_missing_reports_the_key(tmp_path):
@@ -218,11 +253,19 @@ def test_algorithm_overlays_leave_the_task_alone():
 
 
 @pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] != "logger"], ids=lambda v: str(v))
-def test_every_option_builds_a_whole_problem(group, option, mini_root):
+def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_root, omniglot_overrides):
     """scripts/common.build on the composed config: task, model, inner_opt, hypergrad and outer_opt together."""
     overrides = [f"{group}={option}"]
     if (group, option) in {("task", "miniimagenet"), ("model", "conv4")}:
         overrides += ["task=miniimagenet", f"task.root={mini_root}", "task.q_query=2", "model.filters=4"]
+    if (group, option) == ("model", "resnet12"):
+        overrides += ["task=miniimagenet", f"task.root={mini_root}", "task.q_query=2", "model.widths=[2,2,2,2]"]
+    if (group, option) in {("task", "cifar_fs"), ("task", "fc100"), ("model", "conv4_cifar")}:
+        task = option if group == "task" else "cifar_fs"
+        overrides += [f"task={task}", f"task.root={cifar_root}", "task.q_query=1", "model.filters=4"]
+    if (group, option) in {("task", "omniglot"), ("task", "omniglot_lake"), ("model", "conv4_omniglot")}:
+        task = option if group == "task" else "omniglot"
+        overrides += [f"task={task}", *omniglot_overrides[task], "model.filters=4"]
     built = load_common().build(compose_with(*overrides))
     assert built.problem.meta_parameters()
     assert len(built.outer_opt.param_groups[0]["params"]) == len(built.problem.meta_parameters())

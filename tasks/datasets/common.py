@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,18 +18,69 @@ import numpy as np
 from metaloss.errors import ConfigError, DataNotFoundError
 
 
+def missing_files(root: str | Path, names: Iterable[str]) -> list[str]:
+    """The entries of `names` absent from `root`: a name ending in "/" must be a directory, any
+    other name a file."""
+    root = Path(root).expanduser()
+    return [n for n in names if not ((root / n).is_dir() if n.endswith("/") else (root / n).is_file())]
+
+
 def require_files(root: str | Path, names: Iterable[str], dataset: str, root_key: str = "task.root") -> Path:
     """`root` if every file in `names` is there; else one DataNotFoundError naming the missing
     files, the directory looked in and the config key that sets it. A name ending in "/" must be
     a directory, any other name a file."""
     root = Path(root).expanduser()
-    missing = [n for n in names if not ((root / n).is_dir() if n.endswith("/") else (root / n).is_file())]
+    missing = missing_files(root, names)
     if missing:
         raise DataNotFoundError(
             f"{dataset} not found in {root.resolve()}: missing {', '.join(missing)}; "
             f"set {root_key}=DIR to the directory that holds them"
         )
     return root
+
+
+def require_layout(
+    root: str | Path,
+    layouts: dict[str, Iterable[str]],
+    dataset: str,
+    root_key: str = "task.root",
+    hint: str = "",
+) -> str:
+    """The first of `layouts` (description -> file names, in order of preference) whose files are
+    all in `root`; else one DataNotFoundError naming, for every layout, the files it misses, the
+    directory looked in and the config key that sets it (then `hint`, e.g. how to download)."""
+    root = Path(root).expanduser()
+    missing = {}
+    for layout, names in layouts.items():
+        missing[layout] = missing_files(root, names)
+        if not missing[layout]:
+            return layout
+    expected = " or ".join(f"{layout} (missing {', '.join(names)})" for layout, names in missing.items())
+    raise DataNotFoundError(
+        f"{dataset} not found in {root.resolve()}: expected {expected}; "
+        f"set {root_key}=DIR to the directory that holds them{hint}"
+    )
+
+
+def user_cache_dir(dataset: str) -> Path:
+    """`$XDG_CACHE_HOME/metaloss/<dataset>`, or `~/.cache/metaloss/<dataset>`: the default home of
+    decoded-array caches (a data directory may be read-only)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "metaloss" / dataset
+
+
+def cache_file(cache_dir: str | Path, name: str) -> Path | None:
+    """`cache_dir/name`, creating `cache_dir`; None (caching off, with a warning) when that
+    directory cannot be written, so a read-only place never stops a run."""
+    folder = Path(cache_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        warnings.warn(f"cannot write the cache directory {folder}: decoded arrays are not cached", stacklevel=3)
+        return None
+    return folder / name
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:

@@ -9,34 +9,45 @@ MT = ["progress=false", "threads=1"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, make_miniimagenet) -> dict:
-    """A sinusoid and a 5-way mini-ImageNet checkpoint, trained for a few steps."""
+def trained(tmp_path_factory, make_miniimagenet, make_omniglot, make_lake_runs) -> dict:
+    """A sinusoid, a 5-way mini-ImageNet and a 3-way Omniglot checkpoint, trained for a few steps;
+    one-shot runs of 3 classes in the layout of the official all_runs.zip."""
     base = tmp_path_factory.mktemp("meta_test_ckpt")
     mini = base / "mini-data"
     make_miniimagenet(mini, n_classes=6, per_class=3)
+    omniglot, lake = make_omniglot(base / "omniglot"), base / "lake"
+    make_lake_runs(lake, n_runs=2, n_classes=3)
     plans = {
         "sinusoid": TINY + ["logger=none", "baseline.enabled=false"],
         "mini": TINY
         + ["logger=none", "baseline.enabled=false", "task=miniimagenet", f"task.root={mini}", "task.q_query=1"]
         + ["model.filters=4", "train.meta_steps=2", "test.num_tasks=2", "test.steps=[0,1]"],
+        "omniglot": TINY
+        + ["logger=none", "baseline.enabled=false", "task=omniglot", f"task.root={omniglot}", "task.n_way=3"]
+        + [f"task.cache_dir={base / 'cache'}", "task.q_query=1", "model.filters=4", "test.num_tasks=2"],
     }
     runs = run_all(base, plans)
     for run in runs.values():
         assert run.returncode == 0, run.explain()
-    return {"runs": runs, "mini": mini, "base": base}
+    return {"runs": runs, "mini": mini, "lake": lake, "base": base}
 
 
 @pytest.fixture(scope="module")
 def evaluations(trained) -> dict[str, Run]:
     sin = trained["runs"]["sinusoid"].dir / "checkpoint.pt"
     mini = trained["runs"]["mini"].dir / "checkpoint.pt"
+    omniglot = trained["runs"]["omniglot"].dir / "checkpoint.pt"
     plans = {
         "sinusoid": MT + [f"checkpoint={sin}", "test.num_tasks=7", "test.steps=[0,2]"],
         "sinusoid_again": MT + [f"checkpoint={sin}", "test.num_tasks=7", "test.steps=[0,2]"],
         "mini": MT + [f"checkpoint={mini}", "test.num_tasks=3"],
+        "lake": MT
+        + [f"checkpoint={omniglot}", "task=omniglot_lake", f"task.root={trained['lake']}", "task.n_way=3"]
+        + ["test.steps=[0,10]"],
         "missing": MT + [f"checkpoint={trained['base']}/nope.pt"],
         "not_a_checkpoint": MT + [f"checkpoint={trained['mini']}/mini-imagenet-cache-test.pkl"],
-        "wrong_way": MT + [f"checkpoint={mini}", "task=miniimagenet", f"task.root={trained['mini']}", "task.n_way=3"],
+        "wrong_way": MT
+        + [f"checkpoint={mini}", "task=miniimagenet", f"task.root={trained['mini']}", "task.n_way=3", "task.q_query=1"],
     }
     return run_all(trained["base"] / "evaluations", plans, script=META_TEST)
 
@@ -62,6 +73,17 @@ def test_classification_reports_accuracy_and_error_percent(evaluations) -> None:
     for t in (0, 1):  # the checkpoint's own test.steps
         assert 0.0 <= metrics[f"accuracy_step{t}"] <= 1.0
         assert metrics[f"error_percent_step{t}"] == pytest.approx(100 * (1 - metrics[f"accuracy_step{t}"]))
+
+
+def test_lake_one_shot_runs_report_the_error_rate_over_all_runs(evaluations) -> None:
+    run = evaluations["lake"]
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert metrics["task"] == "omniglot_lake" and metrics["test_tasks"] == 2  # capped at the number of runs
+    for t in (0, 10):
+        assert metrics[f"error_percent_step{t}"] == pytest.approx(100 * (1 - metrics[f"accuracy_step{t}"]))
+        # 2 runs of 3 queries: accuracy is a multiple of 1/6
+        assert round(metrics[f"accuracy_step{t}"] * 6, 6).is_integer()
 
 
 @pytest.mark.parametrize(
