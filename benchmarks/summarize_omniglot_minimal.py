@@ -1,0 +1,78 @@
+"""Collect the Omniglot minimal-set runs of benchmarks/omniglot_minimal.sh into
+benchmarks/results/omniglot_minimal.{json,md}, and keep the best 20-way checkpoint (phi and the
+config only, no outer-optimizer state) under benchmarks/checkpoints/.
+
+    python benchmarks/summarize_omniglot_minimal.py
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RUNS, RESULTS, CHECKPOINTS = ROOT / "runs", ROOT / "results", ROOT / "checkpoints"
+
+
+def main() -> None:
+    rows = []
+    for metrics_file in sorted(RUNS.glob("omniglot_minimal_*/metrics.json")):
+        m = json.loads(metrics_file.read_text())
+        setting = metrics_file.parent.name.split("_")[2]  # 5way / 20way
+        steps = sorted(int(k.split("step")[1]) for k in m if k.startswith("meta/accuracy_step") and "ci95" not in k)
+        rows.append(
+            {
+                "setting": setting,
+                "algorithm": m["algorithm"],
+                "run_dir": str(metrics_file.parent.relative_to(ROOT.parent)),
+                "command": f"python scripts/meta_train.py experiment=omniglot_minimal_{setting} "
+                f"algorithm={m['algorithm']} threads=1 progress=false",
+                "meta_steps": m["meta_steps"],
+                "train_minutes": round(m["train_seconds"] / 60, 1),
+                "sampling_share": round(m["sample_seconds"] / max(m["step_seconds"] + m["sample_seconds"], 1e-9), 4),
+                "test_tasks": m["test_tasks"],
+                "accuracy": {t: (m[f"meta/accuracy_step{t}"], m[f"meta/accuracy_step{t}_ci95"]) for t in steps},
+            }
+        )
+    if not rows:
+        raise SystemExit("no finished runs under benchmarks/runs/")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    record = {"date": datetime.date.today().isoformat(), "machine": machine, "runs": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "omniglot_minimal.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    steps = sorted({t for r in rows for t in r["accuracy"]})
+    head = "| setting | algorithm | meta-steps | train min | sampling share | " + " | ".join(
+        f"acc. after {t} steps" for t in steps
+    )
+    lines = [head + " |", "|" + "---|" * (5 + len(steps))]
+    for r in sorted(rows, key=lambda r: (r["setting"], r["algorithm"])):
+        accs = [f"{100 * r['accuracy'][t][0]:.1f} ± {100 * r['accuracy'][t][1]:.1f}" for t in steps]
+        lines.append(
+            f"| {r['setting']} | {r['algorithm']} | {r['meta_steps']} | {r['train_minutes']} | "
+            f"{100 * r['sampling_share']:.2f}% | " + " | ".join(accs) + " |"
+        )
+    (RESULTS / "omniglot_minimal.md").write_text(
+        f"Recorded {record['date']} on {machine}; {rows[0]['test_tasks']} test episodes per run, "
+        "mean ± 95% CI half-width, in %.\n\n" + "\n".join(lines) + "\n"
+    )
+    print("\n".join(lines))
+
+    twenty = [r for r in rows if r["setting"] == "20way"]
+    if twenty:
+        best = max(twenty, key=lambda r: max(a for a, _ in r["accuracy"].values()))
+        state = torch.load(ROOT.parent / best["run_dir"] / "checkpoint.pt", map_location="cpu", weights_only=False)
+        state.pop("outer_opt", None)
+        CHECKPOINTS.mkdir(exist_ok=True)
+        path = CHECKPOINTS / f"omniglot_minimal_20way_{best['algorithm']}.pt"
+        torch.save(state, path)
+        print(f"kept {path} ({path.stat().st_size / 1e6:.2f} MB): {best['command']}")
+
+
+if __name__ == "__main__":
+    main()
