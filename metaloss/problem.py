@@ -28,7 +28,9 @@ class BilevelProblem:
     """model: the architecture, run statelessly; init: module, forward() -> w0 (Params);
     inner_opt: module, forward() -> InnerOptimizer; inner_loss / outer_loss: (prediction, target) -> scalar;
     inner_steps: T; adapt: name prefixes of the parameters the inner loop adapts (None: all);
-    metric: optional extra outer metric, e.g. accuracy."""
+    metric: optional extra outer metric, e.g. accuracy;
+    inner_regularizer: optional (adapted w, adapted w0) -> scalar added to the inner loss, e.g. a
+    learned L2 penalty or iMAML's proximal term; a module's parameters are part of phi."""
 
     model: nn.Module
     init: nn.Module
@@ -39,6 +41,7 @@ class BilevelProblem:
     adapt: Sequence[str] | None = None
     metric: Loss | None = None
     metric_name: str = "accuracy"
+    inner_regularizer: Callable[[Params, Params], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
@@ -54,7 +57,12 @@ class BilevelProblem:
 
     def meta_modules(self) -> dict[str, nn.Module]:
         """The modules whose parameters are phi (a module without parameters is left out)."""
-        candidates = {"init": self.init, "inner_opt": self.inner_opt, "inner_loss": self.inner_loss}
+        candidates = {
+            "init": self.init,
+            "inner_opt": self.inner_opt,
+            "inner_loss": self.inner_loss,
+            "inner_regularizer": self.inner_regularizer,
+        }
         return {k: m for k, m in candidates.items() if isinstance(m, nn.Module) and any(True for _ in m.parameters())}
 
     def meta_parameters(self) -> list[nn.Parameter]:
@@ -96,9 +104,7 @@ class BilevelProblem:
     ) -> tuple[Params, InnerResult]:
         """Run the inner loop on the support set; returns (all parameters after adaptation, loop result)."""
         adapted, frozen = self.initial_params()
-
-        def support_loss(params: Params) -> Tensor:
-            return self.inner_loss(self.predict({**frozen, **params}, episode.support_x), episode.support_y)
+        support_loss = self.inner_objective(episode, adapted, frozen)
 
         def on_step_full(t: int, params: Params) -> None:
             assert on_step is not None
@@ -114,6 +120,18 @@ class BilevelProblem:
             on_step=None if on_step is None else on_step_full,
         )
         return {**frozen, **result.params}, result
+
+    def inner_objective(self, episode: Episode, w0: Params, frozen: Params) -> Callable[[Params], Tensor]:
+        """L_inner(w, phi) on the support set as a function of the adapted parameters w, given
+        the adapted part of the initialisation `w0` and the `frozen` parameters (both may depend on phi)."""
+
+        def support_loss(params: Params) -> Tensor:
+            loss = self.inner_loss(self.predict({**frozen, **params}, episode.support_x), episode.support_y)
+            if self.inner_regularizer is not None:
+                loss = loss + self.inner_regularizer(params, w0)
+            return loss
+
+        return support_loss
 
     def query_loss(self, params: Params, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         """L_outer on the query set with adapted `params`, and detached metrics."""

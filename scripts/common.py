@@ -80,15 +80,20 @@ class Built:
     outer_opt: torch.optim.Optimizer
 
 
+def instantiate_for(model: torch.nn.Module, node: DictConfig) -> Any:
+    """Instantiate `node`, passing `model` when its target takes one (Meta-SGD, per-element penalties)."""
+    make = instantiate(node, _partial_=True)
+    return make(model=model) if "model" in inspect.signature(make.func).parameters else make()
+
+
 def build_problem(cfg: DictConfig, model: torch.nn.Module, splits: TaskSplits) -> BilevelProblem:
     """The bilevel problem of `cfg` around `model`: a learned init, the configured inner optimizer
-    (built for the model when its constructor takes one, e.g. Meta-SGD), the task's loss."""
+    and inner regulariser (built for the model when their constructors take one), the task's loss."""
     dtype = dtype_of(cfg)
     apply_batchnorm_policy(model, cfg.problem.batchnorm)
     model.to(cfg.device, dtype)
-    make_inner_opt = instantiate(cfg.inner_opt, _partial_=True)
-    takes_model = "model" in inspect.signature(make_inner_opt.func).parameters
-    inner_opt = (make_inner_opt(model=model) if takes_model else make_inner_opt()).to(cfg.device, dtype)
+    inner_opt = instantiate_for(model, cfg.inner_opt).to(cfg.device, dtype)
+    regularizer = cfg.problem.get("inner_regularizer")
     loss = get_loss(splits.loss)
     adapt = cfg.problem.adapt
     return BilevelProblem(
@@ -101,6 +106,7 @@ def build_problem(cfg: DictConfig, model: torch.nn.Module, splits: TaskSplits) -
         adapt=None if adapt is None else list(adapt),
         metric=None if splits.metric is None else get_metric(splits.metric),
         metric_name=splits.metric or "metric",
+        inner_regularizer=None if regularizer is None else instantiate_for(model, regularizer).to(cfg.device, dtype),
     )
 
 

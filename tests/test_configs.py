@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaloss.errors import DataNotFoundError
-from metaloss.hypergrad import Unrolled
+from metaloss.hypergrad import Implicit, Unrolled
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.meta import HyperparameterOptimizer, MetaSGD
@@ -103,6 +103,9 @@ def test_every_option_composes(group, option):
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "hypergrad"])
 def test_hypergrad_instantiates(option):
     estimator = instantiate(compose_with(f"hypergrad={option}").hypergrad)
+    if option.startswith("implicit_"):
+        assert isinstance(estimator, Implicit) and estimator.solver == option.removeprefix("implicit_")
+        return
     assert isinstance(estimator, Unrolled)
     assert estimator.mode == {"unrolled": "full"}.get(option, option)
     assert (estimator.truncation is not None) == (option == "truncated")
@@ -227,6 +230,12 @@ def test_algorithm_fomaml_selects_first_order():
     cfg = compose_with("algorithm=fomaml")
     assert cfg.hypergrad.mode == "first_order"
     assert isinstance(instantiate(cfg.hypergrad), Unrolled)
+
+
+def test_algorithm_imaml_is_a_proximal_inner_loss_with_an_implicit_gradient():
+    cfg = compose_with("algorithm=imaml")
+    assert cfg.hypergrad.solver == "cg" and cfg.problem.inner_regularizer._target_ == "metaloss.meta.Proximal"
+    assert compose_with().problem.inner_regularizer is None
 
 
 def test_algorithm_metasgd_selects_metasgd():

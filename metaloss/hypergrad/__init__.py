@@ -1,6 +1,7 @@
 """Hypergradient estimators: one contract (`HypergradEstimator`), one file per estimator."""
 
 from metaloss.hypergrad.base import HypergradEstimator
+from metaloss.hypergrad.implicit import Implicit
 from metaloss.hypergrad.unrolled import Unrolled
 
-__all__ = ["HypergradEstimator", "Unrolled"]
+__all__ = ["HypergradEstimator", "Implicit", "Unrolled"]

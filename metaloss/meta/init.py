@@ -20,3 +20,17 @@ class LearnedInit(nn.Module):
 
     def forward(self) -> Params:
         return dict(self.model.named_parameters())
+
+
+class FixedInit(nn.Module):
+    """w0 = the model's parameters at construction, not meta-learned (every task starts there):
+    for problems whose phi lives elsewhere, e.g. a learned L2 penalty or a learned loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = [name for name, _ in model.named_parameters()]
+        for name, p in model.named_parameters():  # buffers: they follow .to(), and are not phi
+            self.register_buffer(name.replace(".", "__"), p.detach().clone())
+
+    def forward(self) -> Params:
+        return {name: getattr(self, name.replace(".", "__")) for name in self.names}

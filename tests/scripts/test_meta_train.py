@@ -18,6 +18,7 @@ ALGORITHMS = {
     "anil": ["algorithm=anil"],
     "metasgd": ["algorithm=metasgd"],
     "truncated": ["hypergrad=truncated", "problem.inner_steps=2"],
+    "imaml": ["algorithm=imaml", "problem.inner_steps=3"],
 }
 
 
@@ -48,7 +49,7 @@ BAD = {
     "inner_lr": (["inner_opt.lr=-1"], "inner learning rate"),
     "inner_steps": (["problem.inner_steps=0"], "inner_steps"),
     "task": (["task=nope"], "unknown task 'nope'; available: "),
-    "algorithm": (["algorithm=nope"], "unknown algorithm 'nope'; available: anil, fomaml, maml, metasgd"),
+    "algorithm": (["algorithm=nope"], "unknown algorithm 'nope'; available: anil, fomaml, imaml, maml, metasgd"),
     "outer_lr": (["outer_opt.lr=-1"], "outer_opt"),
 }
 
@@ -113,6 +114,7 @@ def test_each_algorithm_runs(runs, name):
         "anil": ("anil", "unrolled"),
         "metasgd": ("metasgd", "unrolled"),
         "truncated": ("maml", "truncated"),
+        "imaml": ("imaml", "implicit_cg"),
     }[name]
     assert (metrics["algorithm"], metrics["hypergrad"]) == expected
     assert all(math.isfinite(metrics[f"meta/loss_step{t}"]) for t in (0, 1, 10))
