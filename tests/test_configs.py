@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaloss.errors import DataNotFoundError
-from metaloss.hypergrad import Implicit, Unrolled
+from metaloss.hypergrad import AntitheticES, Implicit, Unrolled
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.meta import HyperparameterOptimizer, MetaSGD
@@ -105,6 +105,9 @@ def test_hypergrad_instantiates(option):
     estimator = instantiate(compose_with(f"hypergrad={option}").hypergrad)
     if option.startswith("implicit_"):
         assert isinstance(estimator, Implicit) and estimator.solver == option.removeprefix("implicit_")
+        return
+    if option == "es":
+        assert isinstance(estimator, AntitheticES) and estimator.particles >= 1
         return
     assert isinstance(estimator, Unrolled)
     assert estimator.mode == {"unrolled": "full"}.get(option, option)
