@@ -56,3 +56,54 @@ class SinusoidSampler:
 def sinusoid_task(k_support: int = 10, k_query: int = 10, seed: int = 0) -> TaskSplits:
     """The sinusoid family with independent train / val / test task streams (held-out tasks)."""
     return TaskSplits(*(SinusoidSampler(k_support, k_query, seed=seed, split=split) for split in SPLITS), loss="mse")
+
+
+class InfluenceBalancing:
+    """The influence-balancing task (Tallec & Ollivier 2017; PES, Vicol et al. 2021, sec. 5.1), a
+    `metaloss.online.TruncatedSystem`: s_{t+1} = A s_t + theta * c, A = 0.5 I + 0.5 superdiagonal,
+    c = (+1 x `positive`, -1 x rest), s_0 = 1, per-step loss 0.5 (s_t[0] - 1)^2. theta's short-term
+    influence on s[0] is positive, its long-term influence negative (steady state s[0] =
+    2 theta (2 positive - n)), so truncations shorter than `positive` steps push theta the wrong way.
+    phi = [theta] (a scalar; [P] per particle)."""
+
+    def __init__(self, n: int = 23, positive: int = 10, horizon: int = 1000) -> None:
+        if not 0 < positive <= n or horizon < 1:
+            raise ConfigError(f"need 0 < positive <= n and horizon >= 1, got {positive}, {n}, {horizon}")
+        self.n, self.horizon = n, horizon
+        self.signs = torch.cat([torch.ones(positive), -torch.ones(n - positive)]).double()  # [n]
+
+    def init(self, particles: int) -> dict:
+        return {"s": torch.ones(particles, self.n, dtype=torch.float64), "t": 0}
+
+    def unroll(self, state: dict, phi: list[torch.Tensor], steps: int) -> tuple[dict, torch.Tensor]:
+        (theta,) = phi  # [P]
+        s, push = state["s"], theta.reshape(-1, 1) * self.signs  # [P, n], [P, n]
+        losses = []
+        for _ in range(steps):
+            shifted = torch.cat([s[:, 1:], torch.zeros_like(s[:, :1])], dim=1)  # superdiagonal: s_{i+1}
+            s = 0.5 * s + 0.5 * shifted + push
+            losses.append(0.5 * (s[:, 0] - 1.0) ** 2)
+        return {"s": s, "t": state["t"] + steps}, torch.stack(losses).mean(0)
+
+
+class LinearQuadraticSystem:
+    """A linear dynamical system with a quadratic loss, a `metaloss.online.TruncatedSystem` on which
+    ES, PES and ES-Single are exactly unbiased: s_{t+1} = a s_t + theta, s_0 = 0, per-step loss
+    0.5 ||s_t - target||^2; phi = [theta] of shape [d]."""
+
+    def __init__(self, d: int = 3, a: float = 0.5, horizon: int = 100, seed: int = 0) -> None:
+        if d < 1 or horizon < 1:
+            raise ConfigError(f"need d >= 1 and horizon >= 1, got {d}, {horizon}")
+        self.a, self.horizon = a, horizon
+        self.target = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def init(self, particles: int) -> dict:
+        return {"s": torch.zeros(particles, len(self.target), dtype=torch.float64), "t": 0}
+
+    def unroll(self, state: dict, phi: list[torch.Tensor], steps: int) -> tuple[dict, torch.Tensor]:
+        (theta,) = phi  # [P, d]
+        s, losses = state["s"], []
+        for _ in range(steps):
+            s = self.a * s + theta
+            losses.append(0.5 * ((s - self.target) ** 2).sum(-1))
+        return {"s": s, "t": state["t"] + steps}, torch.stack(losses).mean(0)

@@ -1,8 +1,17 @@
 """Hypergradient estimators: one contract (`HypergradEstimator`), one file per estimator."""
 
-from metaloss.hypergrad.base import HypergradEstimator
-from metaloss.hypergrad.es import AntitheticES
+from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator
+from metaloss.hypergrad.es import AntitheticES, OnlineES
 from metaloss.hypergrad.implicit import Implicit
+from metaloss.hypergrad.truncated import TruncatedBackprop
 from metaloss.hypergrad.unrolled import Unrolled
 
-__all__ = ["AntitheticES", "HypergradEstimator", "Implicit", "Unrolled"]
+__all__ = [
+    "AntitheticES",
+    "HypergradEstimator",
+    "Implicit",
+    "OnlineES",
+    "OnlineEstimator",
+    "TruncatedBackprop",
+    "Unrolled",
+]

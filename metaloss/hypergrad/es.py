@@ -7,7 +7,7 @@ E_eps[L(phi + sigma eps)], eps ~ N(0, I):
 
 unbiased for the smoothed objective (and for L itself when L is quadratic in phi). Each particle
 runs the inner loop from scratch with perturbed phi; the inner loop may be non-differentiable.
-The online variants (PES, ES-Single) that keep particles across truncations are not here yet.
+`OnlineES` is the online regime's family (PES, ES-Single) with particles kept across truncations.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator
+from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator
+from metaloss.online import TruncatedSystem
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -66,3 +68,58 @@ class AntitheticES(HypergradEstimator):
         center = self._outer_loss(problem, episodes)
         spread = torch.tensor(differences).abs().mean().item()
         return HypergradOut(grads=list(grads), outer_loss=center, metrics={"loss": center, "es_abs_difference": spread})
+
+
+class OnlineES(OnlineEstimator):
+    """Online ES with persistent particles, in the general noise-reuse form (Li et al. 2023; ES-Single,
+    Vicol et al. 2023; PES, Vicol et al. 2021). `particles` states run as one batch in antithetic
+    pairs (phi + sigma eps, phi - sigma eps). A pair's perturbation eps is redrawn every
+    `resample_every` truncations (None: once per inner problem) and the accumulator xi sums the
+    distinct perturbations the pair has used since its inner problem began. Per truncation,
+
+        g = 1 / (particles * sigma) * sum_pairs [L(+) - L(-)] xi,
+
+    which is unbiased for the total derivative of the truncation's loss (exactly so for quadratic
+    problems). resample_every=1 is PES; resample_every=None is ES-Single; either with a
+    truncation as long as the horizon is full-unroll antithetic ES. No backward pass is taken.
+    """
+
+    def __init__(
+        self,
+        particles: int = 4,
+        sigma: float = 0.01,
+        truncation: int = 10,
+        resample_every: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if particles < 2 or particles % 2 or sigma <= 0 or truncation < 1:
+            raise ConfigError("online ES needs an even particles >= 2, sigma > 0 and truncation >= 1")
+        if resample_every is not None and resample_every < 1:
+            raise ConfigError(f"resample_every must be >= 1 or None, got {resample_every}")
+        self.particles, self.sigma, self.truncation, self.resample_every = particles, sigma, truncation, resample_every
+        self.generator = torch.Generator().manual_seed(seed)
+        self.state: dict | None = None
+        self.eps: list[Tensor] = []
+        self.xi: list[Tensor] = []
+        self.count = 0  # truncations since the inner problem began
+
+    def estimate(self, system: TruncatedSystem, phi: list[Tensor]) -> HypergradOut:
+        pairs = self.particles // 2
+        if self.state is None or self.state["t"] >= system.horizon:
+            self.state, self.count = system.init(self.particles), 0
+            self.xi = [torch.zeros(pairs, *p.shape, dtype=p.dtype, device=p.device) for p in phi]
+        if self.count == 0 or (self.resample_every is not None and self.count % self.resample_every == 0):
+            self.eps = [torch.randn(pairs, *p.shape, generator=self.generator, dtype=p.dtype).to(p.device) for p in phi]
+            self.xi = [x + e for x, e in zip(self.xi, self.eps)]
+        steps = min(self.truncation, system.horizon - self.state["t"])
+        with torch.no_grad():
+            perturbed = [torch.cat([p + self.sigma * e, p - self.sigma * e]) for p, e in zip(phi, self.eps)]
+            self.state, loss = system.unroll(self.state, perturbed, steps)  # loss: [particles]
+            difference = loss[:pairs] - loss[pairs:]  # [pairs]
+            grads = [
+                (difference.view(-1, *[1] * p.dim()) * x).sum(0) / (self.particles * self.sigma)
+                for p, x in zip(phi, self.xi)
+            ]
+        self.count += 1
+        value = loss.mean().item()
+        return HypergradOut(grads=grads, outer_loss=value, metrics={"loss": value, "t": float(self.state["t"])})
