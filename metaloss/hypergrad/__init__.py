@@ -1,6 +1,7 @@
 """Hypergradient estimators: one contract (`HypergradEstimator`), one file per estimator."""
 
 from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator
+from metaloss.hypergrad.checkpointed import CheckpointedUnrolled
 from metaloss.hypergrad.es import AntitheticES, OnlineES
 from metaloss.hypergrad.implicit import Implicit
 from metaloss.hypergrad.truncated import TruncatedBackprop
@@ -8,6 +9,7 @@ from metaloss.hypergrad.unrolled import Unrolled
 
 __all__ = [
     "AntitheticES",
+    "CheckpointedUnrolled",
     "HypergradEstimator",
     "Implicit",
     "OnlineES",
