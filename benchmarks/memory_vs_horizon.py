@@ -1,0 +1,106 @@
+"""Peak memory and time of one hypergradient against the number of inner steps T.
+
+Each (estimator, T) runs in a fresh subprocess; the peak is the growth of the resident set during
+`estimate` (ru_maxrss after it minus the resident set just before it), so torch's own footprint
+cancels. Setting: an MLP 64-256-256-1 (tanh) regressing a random linear target, batch 256,
+inner SGD lr 0.01 with a learned L2 penalty and iMAML's proximal term (so every estimator has a
+non-zero hypergradient), float32, one task.
+
+    python benchmarks/memory_vs_horizon.py                  # T in 10 100 1000
+    python benchmarks/memory_vs_horizon.py --horizons 10 100 --estimators unrolled implicit
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ESTIMATORS = ("unrolled", "checkpointed", "implicit", "es")
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def child(estimator_name: str, horizon: int) -> dict:
+    import torch
+    from torch import nn
+
+    from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, Implicit, Unrolled
+    from metaloss.losses import mse
+    from metaloss.meta import HyperparameterOptimizer, LearnedInit, Proximal
+    from metaloss.problem import BilevelProblem
+    from metaloss.types import Episode
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 1))
+    problem = BilevelProblem(
+        model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.01, learn=["lr"]), mse, mse, horizon,
+        inner_regularizer=Proximal(1.0),
+    )  # fmt: skip
+    x, xq, w = torch.randn(256, 64), torch.randn(256, 64), torch.randn(64, 1)
+    episodes = [Episode(x, x @ w, xq, xq @ w)]
+    estimator = {
+        "unrolled": lambda: Unrolled("full"),
+        "checkpointed": lambda: CheckpointedUnrolled(),
+        "implicit": lambda: Implicit("cg", iterations=20),
+        "es": lambda: AntitheticES(particles=2, sigma=0.01),
+    }[estimator_name]()
+    before = rss_kib()
+    started = time.perf_counter()
+    estimator.estimate(problem, episodes)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"estimator": estimator_name, "T": horizon, "peak_growth_mib": (peak - before) / 1024, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--horizons", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_vs_horizon.json"))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    rows = []
+    for name in args.estimators:
+        for horizon in args.horizons:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", name, str(horizon)], capture_output=True, text=True, check=True
+            )
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            row = rows[-1]
+            line = f"{name:>12} T={horizon:<5} +{row['peak_growth_mib']:8.1f} MiB {row['seconds']:7.2f} s"
+            print(line, file=sys.stderr)
+    ratios = {}
+    for name in args.estimators:
+        by_t = {r["T"]: r["peak_growth_mib"] for r in rows if r["estimator"] == name}
+        lo, hi = min(by_t), max(by_t)
+        ratios[name] = by_t[hi] / max(by_t[lo], 1e-9)
+    result = {
+        "benchmark": "memory_vs_horizon",
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "rows": rows,
+        "peak_ratio_longest_over_shortest_T": ratios,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
