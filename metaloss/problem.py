@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from metaloss.errors import ConfigError
@@ -30,7 +31,8 @@ class BilevelProblem:
     inner_steps: T; adapt: name prefixes of the parameters the inner loop adapts (None: all);
     metric: optional extra outer metric, e.g. accuracy;
     inner_regularizer: optional (adapted w, adapted w0) -> scalar added to the inner loss, e.g. a
-    learned L2 penalty or iMAML's proximal term; a module's parameters are part of phi."""
+    learned L2 penalty or iMAML's proximal term; a module's parameters are part of phi;
+    inner_batch_size: minibatch size of inner SGD over the support set (None: full batch)."""
 
     model: nn.Module
     init: nn.Module
@@ -42,8 +44,11 @@ class BilevelProblem:
     metric: Loss | None = None
     metric_name: str = "accuracy"
     inner_regularizer: Callable[[Params, Params], Tensor] | None = None
+    inner_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.inner_batch_size is not None and self.inner_batch_size < 1:
+            raise ConfigError(f"inner_batch_size must be >= 1 or None, got {self.inner_batch_size}")
         if self.inner_steps < 1:
             raise ConfigError(f"inner_steps must be >= 1 for meta-training, got {self.inner_steps}")
         names = [name for name, _ in self.model.named_parameters()]
@@ -121,12 +126,19 @@ class BilevelProblem:
         )
         return {**frozen, **result.params}, result
 
-    def inner_objective(self, episode: Episode, w0: Params, frozen: Params) -> Callable[[Params], Tensor]:
-        """L_inner(w, phi) on the support set as a function of the adapted parameters w, given
-        the adapted part of the initialisation `w0` and the `frozen` parameters (both may depend on phi)."""
+    def inner_objective(self, episode: Episode, w0: Params, frozen: Params) -> Callable[[Params, int], Tensor]:
+        """L_inner(w, phi) at inner step t on the support set, as a function of the adapted parameters
+        w and t, given the adapted part of the initialisation `w0` and the `frozen` parameters (both
+        may depend on phi). With `inner_batch_size` B, step t sees support rows [tB, (t+1)B)
+        (wrapping around); otherwise, and for t=None (the full objective, as implicit
+        differentiation needs it), the whole support set."""
 
-        def support_loss(params: Params) -> Tensor:
-            loss = self.inner_loss(self.predict({**frozen, **params}, episode.support_x), episode.support_y)
+        def support_loss(params: Params, t: int | None = None) -> Tensor:
+            x, y = episode.support_x, episode.support_y
+            if self.inner_batch_size is not None and t is not None:
+                rows = torch.arange(t * self.inner_batch_size, (t + 1) * self.inner_batch_size) % len(x)
+                x, y = x[rows], y[rows]  # [B, ...]
+            loss = self.inner_loss(self.predict({**frozen, **params}, x), y)
             if self.inner_regularizer is not None:
                 loss = loss + self.inner_regularizer(params, w0)
             return loss

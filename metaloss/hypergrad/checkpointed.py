@@ -78,7 +78,13 @@ class CheckpointedUnrolled(HypergradEstimator):
         for start in range(0, steps, segment):
             checkpoints.append((start, params, {k: v for k, v in state.items()}))
             result = run_inner_loop(
-                params, objective, optimizer, min(segment, steps - start), opt_state=state, differentiable_steps=0
+                params,
+                objective,
+                optimizer,
+                min(segment, steps - start),
+                opt_state=state,
+                differentiable_steps=0,
+                first_step=start,
             )
             params, state = result.params, result.opt_state
             last_inner_loss = result.losses[-1]
@@ -95,7 +101,9 @@ class CheckpointedUnrolled(HypergradEstimator):
                 params_k, state_k = w0, optimizer.init(w0)  # the graph of w0(phi) itself
             else:
                 params_k, state_k = _as_leaves(params_k), _as_leaves(state_k)
-            result = run_inner_loop(params_k, objective, optimizer, min(segment, steps - start), opt_state=state_k)
+            result = run_inner_loop(
+                params_k, objective, optimizer, min(segment, steps - start), opt_state=state_k, first_step=start
+            )
             outputs = list(result.params.values()) + _leaves(result.opt_state)
             cotangents = [adjoint_w[n] for n in result.params] + adjoint_s
             keep = [i for i, (o, c) in enumerate(zip(outputs, cotangents)) if c is not None and o.requires_grad]

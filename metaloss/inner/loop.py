@@ -40,7 +40,7 @@ class InnerResult:
 
 def run_inner_loop(
     params: Params,
-    loss_fn: Callable[[Params], Tensor],
+    loss_fn: Callable[[Params, int], Tensor],
     optimizer: InnerOptimizer,
     steps: int,
     *,
@@ -48,10 +48,13 @@ def run_inner_loop(
     differentiable_steps: int | None = None,
     opt_state: OptState | None = None,
     on_step: Callable[[int, Params], None] | None = None,
+    first_step: int = 0,
 ) -> InnerResult:
     """Take `steps` steps of `optimizer` on `loss_fn`, starting from `params` (w_0, may depend on phi).
 
-    on_step(t, w_t) is called for t = 0 (before the first step) and after every step.
+    loss_fn(w, t) is the inner loss at global step t = first_step, first_step + 1, ... (t selects
+    e.g. a minibatch; a segment of a longer loop starts at first_step > 0).
+    on_step(t, w_t) is called for t = 0 (before the first step) and after every step (local t).
     """
     if steps < 0:
         raise ConfigError(f"inner steps must be >= 0, got {steps}")
@@ -71,7 +74,7 @@ def run_inner_loop(
             state = tree_detach(state)
         else:
             params = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
-        loss = loss_fn(params)
+        loss = loss_fn(params, first_step + t)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=tracked and second_order)
         new_params, state = optimizer.update(dict(zip(params, grads)), state, params)
         if not tracked:

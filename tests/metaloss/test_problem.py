@@ -57,3 +57,19 @@ def test_invalid_problems_are_rejected(kwargs) -> None:
     model = MLP(1, (4,), 1)
     with pytest.raises(ConfigError):
         BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer(lr=0.1), mse, mse, **kwargs)
+
+
+def test_inner_minibatches_walk_the_support_set_and_wrap_around() -> None:
+    model = MLP(1, (4,), 1)
+    problem = BilevelProblem(
+        model, LearnedInit(model), HyperparameterOptimizer(lr=0.1), mse, mse, 3, inner_batch_size=2
+    )
+    e = episode()  # 6 support rows
+    w0, frozen = problem.initial_params()
+    objective = problem.inner_objective(e, w0, frozen)
+    for t, rows in [(0, [0, 1]), (1, [2, 3]), (3, [0, 1]), (4, [2, 3])]:
+        expected = mse(problem.predict(w0, e.support_x[rows]), e.support_y[rows])
+        torch.testing.assert_close(objective(w0, t), expected)
+    torch.testing.assert_close(objective(w0), mse(problem.predict(w0, e.support_x), e.support_y))  # full batch
+    with pytest.raises(ConfigError):
+        BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer(lr=0.1), mse, mse, 3, inner_batch_size=0)

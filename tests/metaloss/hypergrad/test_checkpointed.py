@@ -37,3 +37,11 @@ def test_with_a_proximal_regulariser_and_head_only_adaptation() -> None:
 def test_bad_segment_is_rejected() -> None:
     with pytest.raises(ConfigError):
         CheckpointedUnrolled(0)
+
+
+def test_minibatched_inner_loop_sees_the_same_batches_when_recomputed() -> None:
+    problem, episodes = make_problem("sgd_learned_lr", steps=STEPS), make_episodes(1)
+    problem.inner_batch_size = 2  # 6 support rows: the batch depends on the global step index
+    expected = Unrolled("full").estimate(problem, episodes).grads
+    for got, want in zip(CheckpointedUnrolled(3).estimate(problem, episodes).grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -10,7 +10,7 @@ from metaloss.inner import run_inner_loop, sgd
 
 
 def quadratic(target: torch.Tensor):
-    return lambda params: 0.5 * ((params["w"] - target) ** 2).sum()
+    return lambda params, t: 0.5 * ((params["w"] - target) ** 2).sum()
 
 
 def test_sgd_on_a_quadratic_contracts_geometrically() -> None:
@@ -47,3 +47,14 @@ def test_zero_steps_returns_w0_and_negative_steps_fail() -> None:
     assert run_inner_loop({"w": w0}, quadratic(w0), sgd(0.1), 0).params["w"] is w0
     with pytest.raises(ConfigError):
         run_inner_loop({"w": w0}, quadratic(w0), sgd(0.1), -1)
+
+
+def test_loss_sees_the_global_step_index() -> None:
+    seen = []
+
+    def loss(params, t):
+        seen.append(t)
+        return (params["w"] ** 2).sum()
+
+    run_inner_loop({"w": torch.ones(1)}, loss, sgd(0.1), 3, first_step=5)
+    assert seen == [5, 6, 7]
