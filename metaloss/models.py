@@ -9,18 +9,25 @@ from torch import Tensor, nn
 
 from metaloss.errors import ConfigError
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
 
 class MLP(nn.Module):
-    """Fully connected ReLU network; MAML's sinusoid model is MLP(1, [40, 40], 1)."""
+    """Fully connected network (ReLU or tanh); MAML's sinusoid model is MLP(1, [40, 40], 1), the
+    MNIST-1D paper's learning-rate experiment uses MLP(40, [50], 10, "tanh")."""
 
-    def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1) -> None:
+    def __init__(
+        self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1, activation: str = "relu"
+    ) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1 or any(h < 1 for h in hidden):
             raise ConfigError(f"MLP sizes must be positive: in={in_features} hidden={list(hidden)} out={out_features}")
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
             width = h
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)

@@ -22,6 +22,7 @@ from metaloss.inner.loop import InnerResult, run_inner_loop
 from metaloss.types import Episode, Params
 
 Loss = Callable[[Tensor, Tensor], Tensor]
+META_OBJECTIVES = ("query", "inner_mean")
 
 
 @dataclass
@@ -32,7 +33,10 @@ class BilevelProblem:
     metric: optional extra outer metric, e.g. accuracy;
     inner_regularizer: optional (adapted w, adapted w0) -> scalar added to the inner loss, e.g. a
     learned L2 penalty or iMAML's proximal term; a module's parameters are part of phi;
-    inner_batch_size: minibatch size of inner SGD over the support set (None: full batch)."""
+    inner_batch_size: minibatch size of inner SGD over the support set (None: full batch);
+    meta_objective: "query" (L_outer on the query set after adaptation) or "inner_mean" (the mean
+    inner loss along the trajectory, (1/T) sum_t L_in(w_t), as in learned-optimizer and
+    learning-rate meta-learning, e.g. the MNIST-1D paper)."""
 
     model: nn.Module
     init: nn.Module
@@ -45,8 +49,11 @@ class BilevelProblem:
     metric_name: str = "accuracy"
     inner_regularizer: Callable[[Params, Params], Tensor] | None = None
     inner_batch_size: int | None = None
+    meta_objective: str = "query"
 
     def __post_init__(self) -> None:
+        if self.meta_objective not in META_OBJECTIVES:
+            raise ConfigError(f"unknown meta_objective {self.meta_objective!r}; expected one of {META_OBJECTIVES}")
         if self.inner_batch_size is not None and self.inner_batch_size < 1:
             raise ConfigError(f"inner_batch_size must be >= 1 or None, got {self.inner_batch_size}")
         if self.inner_steps < 1:
@@ -144,6 +151,16 @@ class BilevelProblem:
             return loss
 
         return support_loss
+
+    def outer_objective(self, params: Params, inner: InnerResult, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
+        """The meta-objective of one episode (see `meta_objective`) and detached metrics; the query
+        metrics are always reported (as `query_loss` and the metric) for monitoring."""
+        loss, metrics = self.query_loss(params, episode)
+        if self.meta_objective == "query":
+            return loss, metrics
+        trajectory = torch.stack(inner.losses).mean()
+        metrics["query_loss"], metrics["loss"] = metrics["loss"], trajectory.detach()
+        return trajectory, metrics
 
     def query_loss(self, params: Params, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
         """L_outer on the query set with adapted `params`, and detached metrics."""

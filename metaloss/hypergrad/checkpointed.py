@@ -54,6 +54,8 @@ class CheckpointedUnrolled(HypergradEstimator):
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         if not episodes:
             raise ConfigError("a meta-batch needs at least one episode")
+        if problem.meta_objective != "query":
+            raise ConfigError("checkpointed reverse-mode supports meta_objective='query' only")
         phi = problem.meta_parameters()
         grads: list[Tensor] = [torch.zeros_like(p) for p in phi]
         sums: dict[str, float] = {}
@@ -87,7 +89,7 @@ class CheckpointedUnrolled(HypergradEstimator):
                 first_step=start,
             )
             params, state = result.params, result.opt_state
-            last_inner_loss = result.losses[-1]
+            last_inner_loss = result.losses[-1].detach()
         # outer loss at w_T: the adjoint to carry back, and phi's direct gradient
         w_t = {n: p.detach().requires_grad_() for n, p in params.items()}
         loss, metrics = problem.query_loss({**frozen, **w_t}, episode)

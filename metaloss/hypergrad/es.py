@@ -38,8 +38,8 @@ class AntitheticES(HypergradEstimator):
         total = 0.0
         for episode in episodes:
             with torch.enable_grad():  # the inner loop takes gradients of w, never of phi
-                params, _ = problem.adapt_to(episode, second_order=False, differentiable_steps=0)
-            total += problem.query_loss(params, episode)[0].item() / len(episodes)
+                params, inner = problem.adapt_to(episode, second_order=False, differentiable_steps=0)
+            total += problem.outer_objective(params, inner, episode)[0].item() / len(episodes)
         return total
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:

@@ -47,6 +47,8 @@ class Implicit(HypergradEstimator):
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         if not episodes:
             raise ConfigError("a meta-batch needs at least one episode")
+        if problem.meta_objective != "query":
+            raise ConfigError("implicit differentiation supports meta_objective='query' only")
         phi = problem.meta_parameters()
         grads: list[Tensor] = [torch.zeros_like(p) for p in phi]
         sums: dict[str, float] = {}
@@ -85,5 +87,5 @@ class Implicit(HypergradEstimator):
             (torch.zeros_like(p) if d is None else d) - (0 if m is None else m) for p, d, m in zip(phi, direct, mixed)
         ]
         metrics["solver_iterations"] = used
-        metrics["inner_loss_last"] = inner.losses[-1] if inner.losses else float("nan")
+        metrics["inner_loss_last"] = inner.losses[-1].detach() if inner.losses else float("nan")
         return grads, metrics

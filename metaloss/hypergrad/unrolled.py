@@ -46,11 +46,11 @@ class Unrolled(HypergradEstimator):
             params, inner = problem.adapt_to(
                 episode, second_order=self.mode != "first_order", differentiable_steps=self.truncation
             )
-            loss, metrics = problem.query_loss(params, episode)
+            loss, metrics = problem.outer_objective(params, inner, episode)
             task_grads = torch.autograd.grad(loss / len(episodes), phi, allow_unused=True)
             grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, task_grads)]
-            metrics["inner_loss_first"] = inner.losses[0]
-            metrics["inner_loss_last"] = inner.losses[-1]
+            metrics["inner_loss_first"] = inner.losses[0].detach()
+            metrics["inner_loss_last"] = inner.losses[-1].detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         means = {k: v / len(episodes) for k, v in sums.items()}

@@ -31,7 +31,8 @@ from metaloss.types import Params
 
 @dataclass
 class InnerResult:
-    """Adapted parameters w_T, the optimizer state s_T, and the inner loss before each step."""
+    """Adapted parameters w_T, the optimizer state s_T, and the inner loss L_in(w_t, t) of every step
+    (with its graph where step t was tracked, so a trajectory meta-objective can use it)."""
 
     params: Params
     opt_state: OptState
@@ -80,7 +81,7 @@ def run_inner_loop(
         if not tracked:
             new_params, state = detach_params(new_params), tree_detach(state)
         params = new_params
-        losses.append(loss.detach())
+        losses.append(loss)
         if on_step is not None:
             on_step(t + 1, params)
     return InnerResult(params, state, losses)
