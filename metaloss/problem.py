@@ -130,6 +130,7 @@ class BilevelProblem:
             second_order=second_order,
             differentiable_steps=differentiable_steps,
             on_step=None if on_step is None else on_step_full,
+            keep_loss_graph=self.meta_objective == "inner_mean",
         )
         return {**frozen, **result.params}, result
 

@@ -32,7 +32,7 @@ from metaloss.types import Params
 @dataclass
 class InnerResult:
     """Adapted parameters w_T, the optimizer state s_T, and the inner loss L_in(w_t, t) of every step
-    (with its graph where step t was tracked, so a trajectory meta-objective can use it)."""
+    (detached, unless the loop ran with keep_loss_graph=True and step t was tracked)."""
 
     params: Params
     opt_state: OptState
@@ -50,12 +50,15 @@ def run_inner_loop(
     opt_state: OptState | None = None,
     on_step: Callable[[int, Params], None] | None = None,
     first_step: int = 0,
+    keep_loss_graph: bool = False,
 ) -> InnerResult:
     """Take `steps` steps of `optimizer` on `loss_fn`, starting from `params` (w_0, may depend on phi).
 
     loss_fn(w, t) is the inner loss at global step t = first_step, first_step + 1, ... (t selects
     e.g. a minibatch; a segment of a longer loop starts at first_step > 0).
     on_step(t, w_t) is called for t = 0 (before the first step) and after every step (local t).
+    keep_loss_graph: keep each tracked step's loss with its graph (a trajectory meta-objective
+    needs it; it costs memory O(T), so it is off by default).
     """
     if steps < 0:
         raise ConfigError(f"inner steps must be >= 0, got {steps}")
@@ -81,7 +84,7 @@ def run_inner_loop(
         if not tracked:
             new_params, state = detach_params(new_params), tree_detach(state)
         params = new_params
-        losses.append(loss)
+        losses.append(loss if keep_loss_graph and tracked else loss.detach())
         if on_step is not None:
             on_step(t + 1, params)
     return InnerResult(params, state, losses)
