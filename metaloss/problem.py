@@ -78,12 +78,13 @@ class BilevelProblem:
         return {k: m for k, m in candidates.items() if isinstance(m, nn.Module) and any(True for _ in m.parameters())}
 
     def meta_parameters(self) -> list[nn.Parameter]:
-        """phi as a flat list, without duplicates, in a fixed order."""
+        """phi as a flat list, without duplicates, in a fixed order; parameters with
+        requires_grad=False are held fixed (not phi)."""
         seen: set[int] = set()
         out = []
         for module in self.meta_modules().values():
             for p in module.parameters():
-                if id(p) not in seen:
+                if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)
         return out

@@ -58,3 +58,37 @@ def test_bad_settings_are_rejected() -> None:
         AntitheticES(particles=0)
     with pytest.raises(ConfigError):
         AntitheticES(sigma=0.0)
+
+
+class QuantizedSGD(nn.Module):
+    """SGD whose steps are rounded to multiples of 0.05: piecewise constant in the learning rate, so
+    backpropagation through the inner loop gives exactly zero for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lr = nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self):
+        from metaloss.inner.optim import InnerOptimizer
+
+        def update(grads, state, params):
+            return {n: p - torch.round(self.lr * grads[n] / 0.05) * 0.05 for n, p in params.items()}, state
+
+        return InnerOptimizer(lambda params: {}, update)
+
+
+def test_es_works_where_the_inner_loop_is_not_differentiable() -> None:
+    problem, episodes = quadratic_problem()
+    problem.init.requires_grad_(False)  # phi = the learning rate alone
+    problem.inner_opt = QuantizedSGD()
+    (lr,) = problem.meta_parameters()
+    assert Unrolled("full").estimate(problem, episodes).grads[0].abs().item() == 0.0
+    g = AntitheticES(particles=16, sigma=0.05, seed=0).estimate(problem, episodes).grads[0]
+    # the sign of a central difference of the outer loss over a wide step
+    with torch.no_grad():
+        lr.fill_(0.5)
+        hi = AntitheticES()._outer_loss(problem, episodes)
+        lr.fill_(0.1)
+        lo = AntitheticES()._outer_loss(problem, episodes)
+        lr.fill_(0.3)
+    assert g.abs().item() > 0 and torch.sign(g).item() == (1.0 if hi > lo else -1.0)
