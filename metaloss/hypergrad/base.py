@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
 
+from metaloss.errors import ConfigError
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -20,6 +21,27 @@ class HypergradEstimator(ABC):
     @abstractmethod
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         """Return grads aligned with `problem.meta_parameters()`, the mean outer loss and metrics."""
+
+
+TaskEstimate = Callable[[BilevelProblem, Episode, list[Tensor], float], tuple[Sequence[Tensor | None], dict[str, Any]]]
+
+
+def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: TaskEstimate) -> HypergradOut:
+    """Sum `task(problem, episode, phi, 1 / B)` (its scaled gradient and metrics) over a meta-batch
+    of B episodes, task by task, so one task's graph is freed before the next is built. A gradient
+    stays None where no task reached that meta-parameter (an optimizer then leaves it alone)."""
+    if not episodes:
+        raise ConfigError("a meta-batch needs at least one episode")
+    phi = problem.meta_parameters()
+    grads: list[Tensor | None] = [None] * len(phi)
+    sums: dict[str, float] = {}
+    for episode in episodes:
+        task_grads, metrics = task(problem, episode, phi, 1.0 / len(episodes))
+        grads = [t if g is None else (g if t is None else g + t) for g, t in zip(grads, task_grads)]
+        for k, value in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(value)
+    means = {k: v / len(episodes) for k, v in sums.items()}
+    return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
 
 
 class OnlineEstimator(ABC):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator
+from metaloss.hypergrad.base import HypergradEstimator, mean_over_tasks
 from metaloss.hypergrad.linalg import conjugate_gradient, neumann_series, relative_residual
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
@@ -45,20 +45,9 @@ class Implicit(HypergradEstimator):
         self.solver, self.iterations, self.tol, self.damping, self.alpha = solver, iterations, tol, damping, alpha
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
-        if not episodes:
-            raise ConfigError("a meta-batch needs at least one episode")
         if problem.meta_objective != "query":
             raise ConfigError("implicit differentiation supports meta_objective='query' only")
-        phi = problem.meta_parameters()
-        grads: list[Tensor] = [torch.zeros_like(p) for p in phi]
-        sums: dict[str, float] = {}
-        for episode in episodes:
-            task_grads, metrics = self._task(problem, episode, phi, 1.0 / len(episodes))
-            grads = [g + t for g, t in zip(grads, task_grads)]
-            for k, value in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(value)
-        means = {k: v / len(episodes) for k, v in sums.items()}
-        return HypergradOut(grads=list(grads), outer_loss=means["loss"], metrics=means)
+        return mean_over_tasks(problem, episodes, self._task)
 
     def _task(
         self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator
+from metaloss.hypergrad.base import HypergradEstimator, mean_over_tasks
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -36,22 +36,15 @@ class Unrolled(HypergradEstimator):
         self.truncation = truncation if mode == "truncated" else None
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
-        if not episodes:
-            raise ConfigError("a meta-batch needs at least one episode")
-        phi = problem.meta_parameters()
-        grads: list[Tensor | None] = [None] * len(phi)
-        sums: dict[str, float] = {}
-        for episode in episodes:
-            # one backward per task: the graph of task b is freed before task b+1 is built
-            params, inner = problem.adapt_to(
-                episode, second_order=self.mode != "first_order", differentiable_steps=self.truncation
-            )
-            loss, metrics = problem.outer_objective(params, inner, episode)
-            task_grads = torch.autograd.grad(loss / len(episodes), phi, allow_unused=True)
-            grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, task_grads)]
-            metrics["inner_loss_first"] = inner.losses[0].detach()
-            metrics["inner_loss_last"] = inner.losses[-1].detach()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        means = {k: v / len(episodes) for k, v in sums.items()}
-        return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
+        return mean_over_tasks(problem, episodes, self._task)
+
+    def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
+        """scale * d L_outer / d phi for one episode (None where phi is not reached), and its metrics."""
+        params, inner = problem.adapt_to(
+            episode, second_order=self.mode != "first_order", differentiable_steps=self.truncation
+        )
+        loss, metrics = problem.outer_objective(params, inner, episode)
+        grads = torch.autograd.grad(loss * scale, phi, allow_unused=True)
+        metrics["inner_loss_first"] = inner.losses[0].detach()
+        metrics["inner_loss_last"] = inner.losses[-1].detach()
+        return grads, metrics
