@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaloss.errors import DataNotFoundError
-from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, Implicit, Unrolled
+from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnline, Implicit, Unrolled
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.meta import HyperparameterOptimizer, MetaSGD
@@ -108,6 +108,9 @@ def test_hypergrad_instantiates(option):
         return
     if option == "es":
         assert isinstance(estimator, AntitheticES) and estimator.particles >= 1
+        return
+    if option in ("tbptt", "pes", "es_single"):
+        assert isinstance(estimator, EpisodicOnline) and estimator.kind == option
         return
     if option == "checkpointed":
         assert isinstance(estimator, CheckpointedUnrolled) and estimator.segment is None

@@ -4,12 +4,14 @@ from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator
 from metaloss.hypergrad.checkpointed import CheckpointedUnrolled
 from metaloss.hypergrad.es import AntitheticES, OnlineES
 from metaloss.hypergrad.implicit import Implicit
+from metaloss.hypergrad.online import EpisodicOnline
 from metaloss.hypergrad.truncated import TruncatedBackprop
 from metaloss.hypergrad.unrolled import Unrolled
 
 __all__ = [
     "AntitheticES",
     "CheckpointedUnrolled",
+    "EpisodicOnline",
     "HypergradEstimator",
     "Implicit",
     "OnlineES",
