@@ -3,8 +3,9 @@ notebook): MLP 40-50-10 with tanh, 200 inner SGD steps on consecutive minibatche
 training set from one fixed initialisation, meta-loss = the mean training loss along those 200
 steps, outer gradient descent (lr 0.3) for 50 steps, from lr 1.5 and from lr 0.15, full unroll.
 Published: the learning rate converges to about 0.62 from both. The same problem with other
-estimators: truncated backpropagation (last K steps) and antithetic ES over whole training runs.
-(The checkpointed estimator supports the query meta-objective only.)
+estimators: truncated backpropagation (last K steps), antithetic ES over whole training runs, and
+PES and ES-Single over truncations of 20 steps (phi updated once per training run, after all ten
+truncations; the checkpointed estimator supports the query meta-objective only).
 
     python benchmarks/mnist1d_learning_rate.py                      # all estimators
     python benchmarks/mnist1d_learning_rate.py --estimators full --outer-steps 50
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from metaloss.hypergrad import AntitheticES, Unrolled
+from metaloss.hypergrad import AntitheticES, EpisodicOnline, Unrolled
 from metaloss.losses import accuracy, cross_entropy
 from metaloss.meta import FixedInit, HyperparameterOptimizer
 from metaloss.models import MLP
@@ -37,6 +38,8 @@ ESTIMATORS = {
     "truncated_20": lambda: Unrolled("truncated", truncation=20),
     "truncated_5": lambda: Unrolled("truncated", truncation=5),
     "es": lambda: AntitheticES(particles=4, sigma=0.05, seed=0),
+    "pes_20": lambda: EpisodicOnline("pes", truncation=20, particles=4, sigma=0.05, seed=0),
+    "es_single_20": lambda: EpisodicOnline("es_single", truncation=20, particles=4, sigma=0.05, seed=0),
 }
 
 
