@@ -107,3 +107,53 @@ class LinearQuadraticSystem:
             s = self.a * s + theta
             losses.append(0.5 * ((s - self.target) ** 2).sum(-1))
         return {"s": s, "t": state["t"] + steps}, torch.stack(losses).mean(0)
+
+
+class LearningRateSchedule2D:
+    """The toy 2D regression of PES (Vicol et al. 2021, sec. 5.1, fig. 3), a
+    `metaloss.online.TruncatedSystem`: SGD on x in R^2 from x_0 = (1, 1) for `horizon` steps on
+
+        f(x) = sqrt(x_0^2 + 5) - sqrt(5) + sin(x_1)^2 exp(-5 x_0^2) + 0.25 |x_1 - 100|,
+
+    with the learning rate a linear schedule between two log-rates, phi = [theta], theta = (log
+    initial lr, log final lr): lr_t = exp(theta_0) (T - t) / T + exp(theta_1) t / T. The per-step
+    loss is f(x_{t+1}); the meta-objective is its mean over the inner problem. The sin^2 ripples
+    trap small learning rates, large ones overshoot in x_0: a short truncation sees only the
+    first part of the schedule, which biases truncated backpropagation."""
+
+    def __init__(self, horizon: int = 100) -> None:
+        if horizon < 1:
+            raise ConfigError(f"horizon must be >= 1, got {horizon}")
+        self.horizon = horizon
+
+    @staticmethod
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        """f(x) for x [..., 2] -> [...]."""
+        a, b = x[..., 0], x[..., 1]
+        return (a**2 + 5).sqrt() - math.sqrt(5) + b.sin() ** 2 * (-5 * a**2).exp() + 0.25 * (b - 100).abs()
+
+    @staticmethod
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        """grad f(x) for x [..., 2] -> [..., 2], written out so that it stays differentiable."""
+        a, b = x[..., 0], x[..., 1]
+        ripple = (-5 * a**2).exp()  # [...]
+        da = a / (a**2 + 5).sqrt() - 10 * a * b.sin() ** 2 * ripple
+        db = (2 * b).sin() * ripple + 0.25 * (b - 100).sign()
+        return torch.stack([da, db], dim=-1)
+
+    def learning_rate(self, theta: torch.Tensor, t: int) -> torch.Tensor:
+        """lr_t for theta [P, 2] -> [P]."""
+        rates = theta.exp()  # [P, 2]
+        return rates[:, 0] * (self.horizon - t) / self.horizon + rates[:, 1] * t / self.horizon
+
+    def init(self, particles: int) -> dict:
+        return {"x": torch.ones(particles, 2, dtype=torch.float64), "t": 0}
+
+    def unroll(self, state: dict, phi: list[torch.Tensor], steps: int) -> tuple[dict, torch.Tensor]:
+        (theta,) = phi  # [P, 2]
+        x, t, losses = state["x"], state["t"], []
+        for _ in range(steps):
+            x = x - self.learning_rate(theta, t).unsqueeze(-1) * self.gradient(x)  # [P, 2]
+            losses.append(self.loss(x))
+            t += 1
+        return {"x": x, "t": t}, torch.stack(losses).mean(0)
