@@ -23,12 +23,22 @@ def meta_step(
     outer_opt: torch.optim.Optimizer,
     episodes: Sequence[Episode],
 ) -> HypergradOut:
-    """One outer update: phi <- OuterOpt(phi, d L_outer / d phi)."""
-    out = estimator.estimate(problem, episodes)
-    for p, g in zip(problem.meta_parameters(), out.grads):
-        p.grad = None if g is None else g.detach()
-    outer_opt.step()
-    return out
+    """One meta-step: phi <- OuterOpt(phi, d L_outer / d phi) for each of the estimator's updates
+    (one, unless it updates per truncation). Several updates report their mean metrics and their
+    count as `outer_updates`."""
+    outs = []
+    for out in estimator.updates(problem, episodes):
+        for p, g in zip(problem.meta_parameters(), out.grads):
+            p.grad = None if g is None else g.detach()
+        outer_opt.step()
+        outs.append(out)
+    if len(outs) == 1:
+        return outs[0]
+    names = {k for out in outs for k in out.metrics}
+    metrics = {k: sum(float(o.metrics[k]) for o in outs if k in o.metrics) / sum(k in o.metrics for o in outs)
+               for k in names}  # fmt: skip
+    metrics["outer_updates"] = float(len(outs))
+    return HypergradOut(outs[-1].grads, sum(o.outer_loss for o in outs) / len(outs), metrics)
 
 
 def learning_rates(problem: BilevelProblem, outer_opt: torch.optim.Optimizer) -> dict[str, float]:

@@ -36,6 +36,8 @@ def validate_run_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"train.meta_steps must be >= 0, train.meta_batch >= 1; got {t.meta_steps}, {t.meta_batch}")
     if s.num_tasks < 1 or not s.steps or min(s.steps) < 0:
         raise ConfigError(f"test.num_tasks must be >= 1 and test.steps >= 0, got {s.num_tasks}, {list(s.steps)}")
+    if b.enabled not in (True, False, "auto"):
+        raise ConfigError(f"baseline.enabled must be true, false or auto, got {b.enabled!r}")
     if b.enabled and (b.steps < 0 or b.tasks_per_step < 1 or b.lr <= 0):
         raise ConfigError("baseline.steps must be >= 0, baseline.tasks_per_step >= 1 and baseline.lr > 0")
 
@@ -91,6 +93,7 @@ def main(cfg: DictConfig) -> None:
         "algorithm": choices.algorithm,
         "hypergrad": choices.hypergrad,
         "meta_steps": cfg.train.meta_steps,
+        "outer_updates": int(sum(h.get("outer_updates", 1) for h in history)),
         "test_tasks": cfg.test.num_tasks,
         "train_seconds": round(train_seconds, 2),
         "sample_seconds": round(sum(h["seconds/sample"] for h in history), 2),
@@ -100,7 +103,7 @@ def main(cfg: DictConfig) -> None:
     metrics.update({f"meta/{k}": v for k, v in test.items()})
     logger.log(cfg.train.meta_steps, test, prefix="meta_test/")
 
-    if cfg.baseline.enabled:
+    if cfg.baseline.enabled is True or (cfg.baseline.enabled == "auto" and splits.loss == "mse"):
         torch.manual_seed(cfg.seed + 1)
         with config_errors():
             baseline = build_problem(cfg, instantiate(cfg.model), splits)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -21,6 +21,12 @@ class HypergradEstimator(ABC):
     @abstractmethod
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         """Return grads aligned with `problem.meta_parameters()`, the mean outer loss and metrics."""
+
+    def updates(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> Iterator[HypergradOut]:
+        """The outer updates of one meta-step, lazily: the caller applies each estimate to phi before
+        it asks for the next, so an estimator in the online regime sees the updated phi in its next
+        truncation. By default a meta-step is one update, `estimate`."""
+        yield self.estimate(problem, episodes)
 
 
 TaskEstimate = Callable[[BilevelProblem, Episode, list[Tensor], float], tuple[Sequence[Tensor | None], dict[str, Any]]]

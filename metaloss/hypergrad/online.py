@@ -1,17 +1,22 @@
 """Online estimators (TBPTT, PES, ES-Single) on the episodic algorithms: each episode's inner loop
 becomes an `EpisodeSystem` and is walked truncation by truncation with a fresh online estimator.
 
-Meta-objective `query` (L_outer after T steps): the estimate is that of the last truncation, the
-one whose loss is L_outer(w_T) (unbiased for PES and ES-Single, truncated for TBPTT).
-Meta-objective `inner_mean`: the truncations' estimates weighted by their share of the T steps,
-the estimate of the mean inner loss over the whole trajectory. phi is updated once per episode
-batch here (update interval = the horizon); `metaloss.online.online_meta_train` updates it every
-truncation on a long-running system.
+update="horizon" (phi updated once per meta-batch, after every truncation of its inner problems):
+- meta-objective `query` (L_outer after T steps): the estimate is that of the last truncation,
+  the one whose loss is L_outer(w_T) (unbiased for PES and ES-Single, truncated for TBPTT);
+- meta-objective `inner_mean`: the truncations' estimates weighted by their share of the T steps,
+  the estimate of the mean inner loss over the whole trajectory.
+
+update="truncation" (the online regime of Vicol et al. 2021; Li et al. 2023): phi is updated after
+every truncation from the mean estimate over the meta-batch's inner problems, which run in
+lockstep and go on with the updated phi. Each update descends that truncation's loss (its mean
+inner loss, or the query loss after it), so a long inner problem, e.g. a whole training run, gets
+T / K meta-updates instead of one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor
 
@@ -23,13 +28,27 @@ from metaloss.online import EpisodeSystem
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
+UPDATES = ("horizon", "truncation")
+
+
+def _add(total: list[Tensor | None], part: Sequence[Tensor | None], weight: float) -> list[Tensor | None]:
+    """total + weight * part, where None is an absent (zero) gradient."""
+    return [t if p is None else (weight * p if t is None else t + weight * p) for t, p in zip(total, part)]
+
 
 class EpisodicOnline(HypergradEstimator):
     """kind: "tbptt", "pes" or "es_single"; truncation: K inner steps per truncation; particles and
-    sigma: for the ES kinds; seed: fixes the ES noise of every (call, episode) of a run."""
+    sigma: for the ES kinds; update: "horizon" or "truncation" (see the module docstring);
+    seed: fixes the ES noise of every (call, episode) of a run."""
 
     def __init__(
-        self, kind: str = "es_single", truncation: int = 1, particles: int = 8, sigma: float = 0.01, seed: int = 0
+        self,
+        kind: str = "es_single",
+        truncation: int = 1,
+        particles: int = 8,
+        sigma: float = 0.01,
+        seed: int = 0,
+        update: str = "horizon",
     ) -> None:
         makers: dict[str, Callable[[int], OnlineEstimator]] = {
             "tbptt": lambda s: TruncatedBackprop(truncation),
@@ -38,18 +57,44 @@ class EpisodicOnline(HypergradEstimator):
         }
         if kind not in makers:
             raise ConfigError(f"unknown online estimator {kind!r}; expected one of {sorted(makers)}")
+        if update not in UPDATES:
+            raise ConfigError(f"unknown update interval {update!r}; expected one of {UPDATES}")
         makers[kind](seed)  # validates the settings now
-        self.kind, self.make, self.truncation, self.seed = kind, makers[kind], truncation, seed
+        self.kind, self.make, self.truncation, self.seed, self.update = kind, makers[kind], truncation, seed, update
         self.calls = self.tasks = 0
 
+    def _new_estimator(self) -> OnlineEstimator:
+        self.tasks += 1
+        return self.make(self.seed * 1_000_003 + self.calls * 10_007 + self.tasks)
+
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
+        if self.update == "truncation":
+            raise ConfigError("EpisodicOnline(update='truncation') makes several updates per meta-step: use updates()")
         self.calls, self.tasks = self.calls + 1, 0
         return mean_over_tasks(problem, episodes, self._task)
 
+    def updates(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> Iterator[HypergradOut]:
+        if self.update == "horizon":
+            yield self.estimate(problem, episodes)
+            return
+        if not episodes:
+            raise ConfigError("a meta-batch needs at least one episode")
+        self.calls, self.tasks = self.calls + 1, 0
+        runs = [(EpisodeSystem(problem, episode), self._new_estimator()) for episode in episodes]
+        horizon, t = runs[0][0].horizon, 0
+        while t < horizon:
+            phi = problem.meta_parameters()  # as the caller left it after the last update
+            grads: list[Tensor | None] = [None] * len(phi)
+            loss = 0.0
+            for system, estimator in runs:
+                out = estimator.estimate(system, phi)
+                grads = _add(grads, out.grads, 1.0 / len(runs))
+                loss += out.outer_loss / len(runs)
+            t += min(self.truncation, horizon - t)
+            yield HypergradOut(grads=grads, outer_loss=loss, metrics={"loss": loss, "t": float(t)})
+
     def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
-        system = EpisodeSystem(problem, episode)
-        self.tasks += 1
-        estimator = self.make(self.seed * 1_000_003 + self.calls * 10_007 + self.tasks)
+        system, estimator = EpisodeSystem(problem, episode), self._new_estimator()
         grads: list[Tensor | None] = [None] * len(phi)
         t = 0
         while t < system.horizon:
@@ -57,10 +102,7 @@ class EpisodicOnline(HypergradEstimator):
             steps = min(self.truncation, system.horizon - t)
             t += steps
             if problem.meta_objective == "inner_mean":
-                weight = scale * steps / system.horizon
-                grads = [
-                    g if o is None else (weight * o if g is None else g + weight * o) for g, o in zip(grads, out.grads)
-                ]
+                grads = _add(grads, out.grads, scale * steps / system.horizon)
             else:
-                grads = [None if o is None else scale * o for o in out.grads]
+                grads = _add([None] * len(phi), out.grads, scale)
         return grads, {"loss": out.outer_loss}

@@ -82,3 +82,83 @@ def test_episodic_online_es_single_is_unbiased_and_reproducible() -> None:
     again = EpisodicOnline("es_single", truncation=1, particles=8, sigma=0.5, seed=1).estimate(problem, episodes)
     first = EpisodicOnline("es_single", truncation=1, particles=8, sigma=0.5, seed=1)
     assert torch.equal(first.estimate(problem, episodes).grads[0], again.grads[0])
+
+
+def test_episodic_online_per_truncation_updates_equal_a_hand_written_online_tbptt() -> None:
+    """update="truncation", TBPTT with K = 1, query objective, T = 3, plain SGD on phi: after each
+    inner step, phi (init and lr) descends the query loss after that step, backpropagated through
+    that step alone from the carried (detached) weights; the inner problem goes on with the new phi."""
+    from metaloss.engine import meta_step
+    from metaloss.hypergrad import EpisodicOnline
+
+    problem, (episode,) = make_problem("sgd_learned_lr", steps=3), make_episodes(1)
+    out = meta_step(problem, EpisodicOnline("tbptt", truncation=1, update="truncation"),
+                    torch.optim.SGD(problem.meta_parameters(), lr=0.05), [episode])  # fmt: skip
+    assert out.metrics["outer_updates"] == 3.0
+
+    reference = make_problem("sgd_learned_lr", steps=3)  # the same phi as `problem` had
+    *init, lr = reference.meta_parameters()
+    w = None
+    for t in range(3):
+        start, _ = reference.initial_params()  # w0 with its graph to the init, at step 0 only
+        w = start if w is None else {n: p.detach().requires_grad_() for n, p in w.items()}
+        support = reference.inner_loss(reference.predict(w, episode.support_x), episode.support_y)
+        grads = torch.autograd.grad(support, list(w.values()), create_graph=True)
+        w = {n: p - lr * g for (n, p), g in zip(w.items(), grads)}  # one SGD step
+        query = reference.outer_loss(reference.predict(w, episode.query_x), episode.query_y)
+        wanted = init + [lr] if t == 0 else [lr]  # later truncations do not reach the init
+        with torch.no_grad():
+            for p, g in zip(wanted, torch.autograd.grad(query, wanted)):
+                p -= 0.05 * g
+    for got, want in zip(problem.meta_parameters(), reference.meta_parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_episodic_online_per_truncation_averages_the_meta_batch_in_lockstep() -> None:
+    """Two episodes: every update is the mean of the two systems' truncation estimates, each system
+    carried on with the updated phi (compared with the systems driven by hand)."""
+    from metaloss.engine import meta_step
+    from metaloss.hypergrad import EpisodicOnline
+
+    for objective in ("query", "inner_mean"):
+        problem, episodes = make_problem("momentum_learned", steps=4), make_episodes(2)
+        problem.meta_objective = objective
+        estimator = EpisodicOnline("tbptt", truncation=2, update="truncation")
+        assert meta_step(problem, estimator, torch.optim.SGD(problem.meta_parameters(), lr=0.05),
+                         episodes).metrics["outer_updates"] == 2.0  # fmt: skip
+
+        reference = make_problem("momentum_learned", steps=4)
+        reference.meta_objective = objective
+        phi = reference.meta_parameters()
+        runs = [(EpisodeSystem(reference, e), TruncatedBackprop(2)) for e in episodes]
+        for _ in range(2):
+            outs = [estimator.estimate(system, phi).grads for system, estimator in runs]
+            with torch.no_grad():
+                for i, p in enumerate(phi):
+                    parts = [o[i] for o in outs if o[i] is not None]
+                    if parts:
+                        p -= 0.05 * sum(parts) / 2
+        for got, want in zip(problem.meta_parameters(), phi):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_episodic_online_per_truncation_es_single_learns_and_refuses_estimate() -> None:
+    """ES-Single with per-truncation updates lowers the meta-objective on the quadratic problem,
+    and `estimate` (one gradient per meta-step) is refused with a clear error in that mode."""
+    import pytest
+
+    from metaloss.engine import meta_step
+    from metaloss.errors import ConfigError
+    from metaloss.hypergrad import EpisodicOnline
+
+    problem, episodes = quadratic_problem()
+    estimator = EpisodicOnline("es_single", truncation=1, particles=8, sigma=0.1, seed=0, update="truncation")
+    before = Unrolled("full").estimate(problem, episodes).outer_loss
+    outer = torch.optim.SGD(problem.meta_parameters(), lr=0.02)
+    for _ in range(20):
+        meta_step(problem, estimator, outer, episodes)
+    assert Unrolled("full").estimate(problem, episodes).outer_loss < 0.5 * before
+    with pytest.raises(ConfigError, match="updates"):
+        estimator.estimate(problem, episodes)
+    with pytest.raises(ConfigError, match="update interval"):
+        EpisodicOnline("pes", update="sometimes")

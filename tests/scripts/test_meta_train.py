@@ -19,6 +19,7 @@ ALGORITHMS = {
     "metasgd": ["algorithm=metasgd"],
     "truncated": ["hypergrad=truncated", "problem.inner_steps=2"],
     "imaml": ["algorithm=imaml", "problem.inner_steps=3"],
+    "es_single_online": ["hypergrad=es_single", "hypergrad.update=truncation", "problem.inner_steps=2"],
 }
 
 
@@ -38,7 +39,6 @@ def runs(tmp_path_factory, make_miniimagenet) -> dict[str, Run]:
         "task.q_query=1",
         "model.filters=4",
         "train.meta_steps=2",
-        "baseline.steps=1",
         "test.num_tasks=2",
         "test.steps=[0,1]",
     ]
@@ -51,6 +51,7 @@ BAD = {
     "task": (["task=nope"], "unknown task 'nope'; available: "),
     "algorithm": (["algorithm=nope"], "unknown algorithm 'nope'; available: anil, fomaml, imaml, maml, metasgd"),
     "outer_lr": (["outer_opt.lr=-1"], "outer_opt"),
+    "baseline": (["baseline.enabled=sometimes"], "baseline.enabled must be true, false or auto"),
 }
 
 
@@ -115,8 +116,11 @@ def test_each_algorithm_runs(runs, name):
         "metasgd": ("metasgd", "unrolled"),
         "truncated": ("maml", "truncated"),
         "imaml": ("imaml", "implicit_cg"),
+        "es_single_online": ("maml", "es_single"),
     }[name]
     assert (metrics["algorithm"], metrics["hypergrad"]) == expected
+    # per-truncation updates: K = 1 of T = 2 steps gives two outer updates per meta-step
+    assert metrics["outer_updates"] == metrics["meta_steps"] * (2 if name == "es_single_online" else 1)
     assert all(math.isfinite(metrics[f"meta/loss_step{t}"]) for t in (0, 1, 10))
     assert (run.dir / "checkpoint.pt").is_file()
     assert any(key.startswith("pretrained/") for key in metrics) == (name == "maml")  # baseline.enabled=false
@@ -146,7 +150,8 @@ def test_miniimagenet_fixture_runs_end_to_end(runs):
     metrics = run.metrics()
     assert run.last_stdout_json() == metrics
     assert metrics["task"] == "miniimagenet" and metrics["meta_steps"] == 2 and metrics["test_tasks"] == 2
-    for prefix in ("meta", "pretrained"):
+    assert not any(key.startswith("pretrained/") for key in metrics)  # baseline.enabled=auto: regression only
+    for prefix in ("meta",):
         for t in (0, 1):
             assert math.isfinite(metrics[f"{prefix}/loss_step{t}"])
             # 2 tasks x 5 queries: accuracy is a multiple of 1/10 in [0, 1]
