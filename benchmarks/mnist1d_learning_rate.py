@@ -5,7 +5,9 @@ steps, outer gradient descent (lr 0.3) for 50 steps, from lr 1.5 and from lr 0.1
 Published: the learning rate converges to about 0.62 from both. The same problem with other
 estimators: truncated backpropagation (last K steps), antithetic ES over whole training runs, and
 PES and ES-Single over truncations of 20 steps (phi updated once per training run, after all ten
-truncations; the checkpointed estimator supports the query meta-objective only).
+truncations; the checkpointed estimator supports the query meta-objective only), and PES,
+ES-Single and TBPTT in the online regime (`*_online`: phi updated after every truncation, ten
+times per training run, with the outer lr divided by ten).
 
     python benchmarks/mnist1d_learning_rate.py                      # all estimators
     python benchmarks/mnist1d_learning_rate.py --estimators full --outer-steps 50
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from metaloss.engine import meta_step
 from metaloss.hypergrad import AntitheticES, EpisodicOnline, Unrolled
 from metaloss.losses import accuracy, cross_entropy
 from metaloss.meta import FixedInit, HyperparameterOptimizer
@@ -40,6 +43,13 @@ ESTIMATORS = {
     "es": lambda: AntitheticES(particles=4, sigma=0.05, seed=0),
     "pes_20": lambda: EpisodicOnline("pes", truncation=20, particles=4, sigma=0.05, seed=0),
     "es_single_20": lambda: EpisodicOnline("es_single", truncation=20, particles=4, sigma=0.05, seed=0),
+    # the online regime: phi updated after every truncation (ten updates per training run), with the
+    # outer lr divided by the ten truncations (--online-lr-scale) so a run moves lr as far as above
+    "pes_20_online": lambda: EpisodicOnline("pes", truncation=20, particles=4, sigma=0.05, seed=0, update="truncation"),
+    "es_single_20_online": lambda: EpisodicOnline(
+        "es_single", truncation=20, particles=4, sigma=0.05, seed=0, update="truncation"
+    ),
+    "tbptt_20_online": lambda: EpisodicOnline("tbptt", truncation=20, update="truncation"),
 }
 
 
@@ -59,20 +69,20 @@ def run(estimator_name: str, lr0: float, args: argparse.Namespace) -> dict:
         meta_objective="inner_mean",
     )
     (lr,) = problem.meta_parameters()
-    outer = torch.optim.SGD([lr], lr=args.outer_lr)
+    online = estimator_name.endswith("_online")
+    outer = torch.optim.SGD([lr], lr=args.outer_lr * (args.online_lr_scale if online else 1.0))
     estimator = ESTIMATORS[estimator_name]()
     trajectory, losses, test_losses = [lr.item()], [], []
     started = time.perf_counter()
     for step in range(args.outer_steps):
-        out = estimator.estimate(problem, [splits.train.episode(step)])
-        lr.grad = out.grads[0]
-        outer.step()
+        out = meta_step(problem, estimator, outer, [splits.train.episode(step)])
         trajectory.append(lr.item())
         losses.append(out.outer_loss)
         test_losses.append(out.metrics.get("query_loss", float("nan")))
     return {
         "estimator": estimator_name,
         "lr0": lr0,
+        "outer_updates_per_run": int(out.metrics.get("outer_updates", 1)),
         "final_lr": trajectory[-1],
         "lr_trajectory": trajectory,
         "mean_train_loss": losses,
@@ -107,6 +117,7 @@ def main() -> None:
     parser.add_argument("--lr0", type=float, nargs="+", default=[1.5, 0.15])
     parser.add_argument("--outer-steps", type=int, default=50)
     parser.add_argument("--outer-lr", type=float, default=0.3)
+    parser.add_argument("--online-lr-scale", type=float, default=0.1, help="outer lr factor of the *_online runs")
     parser.add_argument("--inner-steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)

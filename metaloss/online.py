@@ -12,7 +12,6 @@ particles (and antithetic pairs) run as one batch:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -79,36 +78,33 @@ class EpisodeSystem:
     (TBPTT, PES, ES-Single) apply to any algorithm: the horizon is the problem's T inner steps, the
     state is each particle's adapted parameters and optimizer state, and the loss of a truncation
     is the problem's meta-objective over it (`inner_mean`: the mean inner loss of its K steps;
-    `query`: the query loss after it). phi enters through `torch.func.functional_call` on the
-    meta-modules, one particle at a time, so a particle's phi is any tensor (perturbed or not).
+    `query`: the query loss after it). A particle's phi (any tensor, perturbed or not) enters
+    through `BilevelProblem.with_meta_parameters`.
+
+    batched=False runs the particles one after another with autograd inner gradients (and keeps
+    the graph to phi, for TBPTT); batched=True runs them as one batch with `torch.func.vmap`
+    and `torch.func` inner gradients, with no graph (for the ES family, which never
+    differentiates). Both give the same numbers.
     """
 
-    def __init__(self, problem: Any, episode: Any) -> None:
-        self.problem, self.episode, self.horizon = problem, episode, problem.inner_steps
-        self.names = [(key, name) for key, m in problem.meta_modules().items() for name, p in m.named_parameters()
-                      if p.requires_grad]  # fmt: skip
-        if len(self.names) != len(problem.meta_parameters()):
-            raise ConfigError("EpisodeSystem needs meta-parameters that are not shared between meta-modules")
-
-    def _problem_with(self, phi: Sequence[Tensor]) -> Any:
-        """The problem with every meta-module's parameters replaced by this particle's phi."""
-        from torch.func import functional_call
-
-        by_module: dict[str, dict[str, Tensor]] = {}
-        for (key, name), value in zip(self.names, phi):
-            by_module.setdefault(key, {})[name] = value
-        modules = self.problem.meta_modules()
-        replaced = {key: (lambda *args, m=modules[key], p=params: functional_call(m, p, args))
-                    for key, params in by_module.items()}  # fmt: skip
-        return dataclasses.replace(self.problem, **replaced)
+    def __init__(self, problem: Any, episode: Any, batched: bool = False) -> None:
+        self.problem, self.episode, self.horizon, self.batched = problem, episode, problem.inner_steps, batched
+        problem.with_meta_parameters(problem.meta_parameters())  # fails now if phi cannot be swapped
 
     def init(self, particles: int) -> State:
         return {"particles": [None] * particles, "t": 0}
 
+    def _loss(self, problem: Any, result: Any, frozen: Any) -> Tensor:
+        if problem.meta_objective == "inner_mean":
+            return torch.stack(result.losses).mean()
+        return problem.query_loss({**frozen, **result.params}, self.episode)[0]
+
     def unroll(self, state: State, phi: Sequence[Tensor], steps: int) -> tuple[State, Tensor]:
-        episode, losses, particles = self.episode, [], []
+        if self.batched:
+            return self._unroll_batched(state, phi, steps)
+        losses, particles = [], []
         for i, carried in enumerate(state["particles"]):
-            problem = self._problem_with([p[i] for p in phi])
+            problem = self.problem.with_meta_parameters([p[i] for p in phi])
             w0, frozen = problem.initial_params()
             if carried is None:  # the inner problem starts: w0 keeps its graph to phi
                 params, opt_state = w0, None
@@ -117,16 +113,54 @@ class EpisodeSystem:
             with torch.enable_grad():  # the inner loop differentiates w even when the caller does not
                 result = run_inner_loop(
                     params,
-                    problem.inner_objective(episode, w0, frozen),
+                    problem.inner_objective(self.episode, w0, frozen),
                     problem.inner_opt(),
                     steps,
                     opt_state=opt_state,
                     first_step=state["t"],
                     keep_loss_graph=True,
                 )
-            if problem.meta_objective == "inner_mean":
-                losses.append(torch.stack(result.losses).mean())
-            else:
-                losses.append(problem.query_loss({**frozen, **result.params}, episode)[0])
+            losses.append(self._loss(problem, result, frozen))
             particles.append((result.params, result.opt_state))
         return {"particles": particles, "t": state["t"] + steps}, torch.stack(losses)
+
+    def _unroll_batched(self, state: State, phi: Sequence[Tensor], steps: int) -> tuple[State, Tensor]:
+        """All particles in one `vmap`. The carried state is ([P, ...] parameters, the optimizer
+        state's tensors [P, ...]); its non-tensor leaves (e.g. Adam's step count) are the same for
+        every particle and kept aside."""
+        from torch.func import vmap
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        carried = state["particles"] if isinstance(state["particles"], tuple) else None
+        previous: dict[str, Any] = {} if carried is None else carried[2]
+        kept: dict[str, Any] = {}
+
+        def one(phi_i: list[Tensor], carried_i: Any) -> tuple[Any, list[Tensor], Tensor]:
+            problem = self.problem.with_meta_parameters(phi_i)
+            w0, frozen = problem.initial_params()
+            if carried_i is None:
+                params, opt_state = w0, None
+            else:
+                tensors = iter(carried_i[1])
+                leaves = [next(tensors) if isinstance(v, _TensorSlot) else v for v in previous["leaves"]]
+                params, opt_state = carried_i[0], tree_unflatten(leaves, previous["spec"])
+            result = run_inner_loop(
+                params,
+                problem.inner_objective(self.episode, w0, frozen),
+                problem.inner_opt(),
+                steps,
+                opt_state=opt_state,
+                first_step=state["t"],
+                functional=True,
+            )
+            leaves, kept["spec"] = tree_flatten(result.opt_state)
+            kept["leaves"] = [_TensorSlot() if isinstance(v, Tensor) else v for v in leaves]
+            return result.params, [v for v in leaves if isinstance(v, Tensor)], self._loss(problem, result, frozen)
+
+        inputs = None if carried is None else (carried[0], list(carried[1]))
+        params, tensors, loss = vmap(one, in_dims=(0, None if carried is None else 0))(list(phi), inputs)
+        return {"particles": (params, tensors, kept), "t": state["t"] + steps}, loss
+
+
+class _TensorSlot:
+    """Marks where a batched tensor goes back into an optimizer state's leaves."""

@@ -10,6 +10,7 @@ fixed SGD for `MetaSGD`. phi is the union of the meta-modules' parameters.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +90,27 @@ class BilevelProblem:
                     out.append(p)
         return out
 
+    def with_meta_parameters(self, phi: Sequence[Tensor]) -> BilevelProblem:
+        """This problem with phi (aligned with `meta_parameters()`) in place of the meta-modules'
+        own parameters, through `torch.func.functional_call`: phi may be any tensors (an ES
+        particle's perturbed phi, or a slice of a vmapped batch). Needs meta-parameters that are not
+        shared between meta-modules."""
+        from torch.func import functional_call
+
+        names = [(key, name) for key, m in self.meta_modules().items() for name, p in m.named_parameters()
+                 if p.requires_grad]  # fmt: skip
+        if len(names) != len(self.meta_parameters()):
+            raise ConfigError("with_meta_parameters needs meta-parameters that are not shared between meta-modules")
+        if len(phi) != len(names):
+            raise ConfigError(f"expected {len(names)} meta-parameter tensors, got {len(phi)}")
+        by_module: dict[str, dict[str, Tensor]] = {}
+        for (key, name), value in zip(names, phi):
+            by_module.setdefault(key, {})[name] = value
+        modules = self.meta_modules()
+        replaced = {key: (lambda *args, m=modules[key], p=params: functional_call(m, p, args, strict=False))
+                    for key, params in by_module.items()}  # fmt: skip
+        return dataclasses.replace(self, **replaced)
+
     def state_dict(self) -> dict[str, dict]:
         return {k: m.state_dict() for k, m in self.meta_modules().items()}
 
@@ -114,8 +136,10 @@ class BilevelProblem:
         second_order: bool = True,
         differentiable_steps: int | None = None,
         on_step: Callable[[int, Params], None] | None = None,
+        functional: bool = False,
     ) -> tuple[Params, InnerResult]:
-        """Run the inner loop on the support set; returns (all parameters after adaptation, loop result)."""
+        """Run the inner loop on the support set; returns (all parameters after adaptation, loop result).
+        functional: `torch.func` inner gradients and no graph (vmap-able; see `run_inner_loop`)."""
         adapted, frozen = self.initial_params()
         support_loss = self.inner_objective(episode, adapted, frozen)
 
@@ -132,6 +156,7 @@ class BilevelProblem:
             differentiable_steps=differentiable_steps,
             on_step=None if on_step is None else on_step_full,
             keep_loss_graph=self.meta_objective == "inner_mean",
+            functional=functional,
         )
         return {**frozen, **result.params}, result
 

@@ -39,7 +39,8 @@ def _add(total: list[Tensor | None], part: Sequence[Tensor | None], weight: floa
 class EpisodicOnline(HypergradEstimator):
     """kind: "tbptt", "pes" or "es_single"; truncation: K inner steps per truncation; particles and
     sigma: for the ES kinds; update: "horizon" or "truncation" (see the module docstring);
-    seed: fixes the ES noise of every (call, episode) of a run."""
+    seed: fixes the ES noise of every (call, episode) of a run; batched: run an ES kind's particles
+    as one `vmap` batch (see `EpisodeSystem`)."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class EpisodicOnline(HypergradEstimator):
         sigma: float = 0.01,
         seed: int = 0,
         update: str = "horizon",
+        batched: bool = False,
     ) -> None:
         makers: dict[str, Callable[[int], OnlineEstimator]] = {
             "tbptt": lambda s: TruncatedBackprop(truncation),
@@ -59,8 +61,11 @@ class EpisodicOnline(HypergradEstimator):
             raise ConfigError(f"unknown online estimator {kind!r}; expected one of {sorted(makers)}")
         if update not in UPDATES:
             raise ConfigError(f"unknown update interval {update!r}; expected one of {UPDATES}")
+        if batched and kind == "tbptt":
+            raise ConfigError("batched particles are for the ES kinds (pes, es_single); tbptt runs one particle")
         makers[kind](seed)  # validates the settings now
         self.kind, self.make, self.truncation, self.seed, self.update = kind, makers[kind], truncation, seed, update
+        self.batched = batched
         self.calls = self.tasks = 0
 
     def _new_estimator(self) -> OnlineEstimator:
@@ -80,7 +85,7 @@ class EpisodicOnline(HypergradEstimator):
         if not episodes:
             raise ConfigError("a meta-batch needs at least one episode")
         self.calls, self.tasks = self.calls + 1, 0
-        runs = [(EpisodeSystem(problem, episode), self._new_estimator()) for episode in episodes]
+        runs = [(EpisodeSystem(problem, episode, self.batched), self._new_estimator()) for episode in episodes]
         horizon, t = runs[0][0].horizon, 0
         while t < horizon:
             phi = problem.meta_parameters()  # as the caller left it after the last update
@@ -94,7 +99,7 @@ class EpisodicOnline(HypergradEstimator):
             yield HypergradOut(grads=grads, outer_loss=loss, metrics={"loss": loss, "t": float(t)})
 
     def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
-        system, estimator = EpisodeSystem(problem, episode), self._new_estimator()
+        system, estimator = EpisodeSystem(problem, episode, self.batched), self._new_estimator()
         grads: list[Tensor | None] = [None] * len(phi)
         t = 0
         while t < system.horizon:

@@ -13,6 +13,9 @@ Backpropagation modes (chosen by the caller, usually an estimator):
   the graph (stop-gradient) before the last K steps, so the hypergradient only
   sees those K steps (truncated backpropagation, Shaban et al. 2019).
   `differentiable_steps=0` runs the loop with no graph at all (evaluation).
+
+`functional=True` takes the inner gradients with `torch.func.grad` instead of autograd, so the
+loop composes with `torch.func.vmap` (ES particles run as one batch); it keeps no graph to phi.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def run_inner_loop(
     on_step: Callable[[int, Params], None] | None = None,
     first_step: int = 0,
     keep_loss_graph: bool = False,
+    functional: bool = False,
 ) -> InnerResult:
     """Take `steps` steps of `optimizer` on `loss_fn`, starting from `params` (w_0, may depend on phi).
 
@@ -59,9 +63,12 @@ def run_inner_loop(
     on_step(t, w_t) is called for t = 0 (before the first step) and after every step (local t).
     keep_loss_graph: keep each tracked step's loss with its graph (a trajectory meta-objective
     needs it; it costs memory O(T), so it is off by default).
+    functional: gradients by `torch.func.grad_and_value`, no graph kept (see the module docstring).
     """
     if steps < 0:
         raise ConfigError(f"inner steps must be >= 0, got {steps}")
+    if functional:
+        return _functional_loop(params, loss_fn, optimizer, steps, opt_state, on_step, first_step)
     window = steps if differentiable_steps is None else differentiable_steps
     if window < 0:
         raise ConfigError(f"differentiable_steps must be >= 0, got {differentiable_steps}")
@@ -85,6 +92,31 @@ def run_inner_loop(
             new_params, state = detach_params(new_params), tree_detach(state)
         params = new_params
         losses.append(loss if keep_loss_graph and tracked else loss.detach())
+        if on_step is not None:
+            on_step(t + 1, params)
+    return InnerResult(params, state, losses)
+
+
+def _functional_loop(
+    params: Params,
+    loss_fn: Callable[[Params, int], Tensor],
+    optimizer: InnerOptimizer,
+    steps: int,
+    opt_state: OptState | None,
+    on_step: Callable[[int, Params], None] | None,
+    first_step: int,
+) -> InnerResult:
+    """The same steps with `torch.func` gradients and no graph: vmap-able."""
+    from torch.func import grad_and_value
+
+    state = optimizer.init(params) if opt_state is None else opt_state
+    losses: list[Tensor] = []
+    if on_step is not None:
+        on_step(0, params)
+    for t in range(steps):
+        grads, loss = grad_and_value(lambda p, step=first_step + t: loss_fn(p, step))(params)
+        params, state = optimizer.update(grads, state, params)
+        losses.append(loss)
         if on_step is not None:
             on_step(t + 1, params)
     return InnerResult(params, state, losses)
