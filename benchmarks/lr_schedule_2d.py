@@ -83,8 +83,10 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "start": {"theta": [-4.0, -4.0], "meta_objective": meta_objective(system, torch.tensor([[-4.0, -4.0]],
-                  dtype=torch.float64)).item()},  # fmt: skip
+        "start": {
+            "theta": [-4.0, -4.0],
+            "meta_objective": meta_objective(system, torch.tensor([[-4.0, -4.0]], dtype=torch.float64)).item(),
+        },  # fmt: skip
         "grid_best": {"theta": pairs[best].tolist(), "meta_objective": surface.min().item()},
         "final_meta_objective": summary,
         "rows": rows,

@@ -58,8 +58,8 @@ def test_antithetic_es_batched_equals_the_loop_on_conv4_with_batchnorm_and_in_ch
     before = [p.detach().clone() for p in problem.meta_parameters()]
     loop = AntitheticES(particles=2, sigma=0.01, seed=1).estimate(problem, episodes)
     for chunk in (None, 3):
-        assert_same(AntitheticES(particles=2, sigma=0.01, seed=1, batched=True, chunk=chunk).estimate(problem, episodes),
-                    loop)  # fmt: skip
+        batched = AntitheticES(particles=2, sigma=0.01, seed=1, batched=True, chunk=chunk)
+        assert_same(batched.estimate(problem, episodes), loop)
     assert all(torch.equal(p, b) for p, b in zip(problem.meta_parameters(), before))  # phi untouched
 
 
