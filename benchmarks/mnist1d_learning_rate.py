@@ -5,7 +5,7 @@ steps, outer gradient descent (lr 0.3) for 50 steps, from lr 1.5 and from lr 0.1
 Published: the learning rate converges to about 0.62 from both. The same problem with other
 estimators: truncated backpropagation (last K steps), antithetic ES over whole training runs, and
 PES and ES-Single over truncations of 20 steps (phi updated once per training run, after all ten
-truncations; the checkpointed estimator supports the query meta-objective only), and PES,
+truncations; the checkpointed estimator equals the full unroll, see its tests), and PES,
 ES-Single and TBPTT in the online regime (`*_online`: phi updated after every truncation, ten
 times per training run, with the outer lr divided by ten).
 

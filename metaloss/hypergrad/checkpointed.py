@@ -6,7 +6,8 @@ its graph (second order), and pulls the adjoint (dL/dw_t, dL/ds_t) back through 
 vector-Jacobian product, collecting d L / d phi on the way. Memory is O(T / S + S) states instead
 of O(T); S = ceil(sqrt(T)) gives O(sqrt(T)) at the price of one extra forward pass (Griewank 1992's
 checkpointing; the idea of REPLAY in Engstrom et al. 2025). Equal to `Unrolled("full")` up to
-floating-point rounding.
+floating-point rounding. With meta_objective="inner_mean", J = (1/T) sum_t L_in(w_t): there is no
+terminal adjoint, and each recomputed segment adds the gradient of its own steps' losses.
 """
 
 from __future__ import annotations
@@ -52,8 +53,6 @@ class CheckpointedUnrolled(HypergradEstimator):
         self.segment = segment
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
-        if problem.meta_objective != "query":
-            raise ConfigError("checkpointed reverse-mode supports meta_objective='query' only")
         return mean_over_tasks(problem, episodes, self._task)
 
     def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
@@ -65,7 +64,7 @@ class CheckpointedUnrolled(HypergradEstimator):
         # forward, no graph: checkpoints (w_t, s_t) at t = 0, S, 2S, ...
         checkpoints = []
         params, state = {n: p.detach() for n, p in w0.items()}, optimizer.init(w0)
-        last_inner_loss = float("nan")
+        trajectory: list[Tensor] = []  # L_in(w_t) for t = 0 .. T-1, detached
         for start in range(0, steps, segment):
             checkpoints.append((start, params, {k: v for k, v in state.items()}))
             result = run_inner_loop(
@@ -78,11 +77,16 @@ class CheckpointedUnrolled(HypergradEstimator):
                 first_step=start,
             )
             params, state = result.params, result.opt_state
-            last_inner_loss = result.losses[-1].detach()
+            trajectory += result.losses
         # outer loss at w_T: the adjoint to carry back, and phi's direct gradient
         w_t = {n: p.detach().requires_grad_() for n, p in params.items()}
         loss, metrics = problem.query_loss({**frozen, **w_t}, episode)
-        outer = torch.autograd.grad(loss * scale, list(w_t.values()) + phi, allow_unused=True)
+        along_trajectory = problem.meta_objective == "inner_mean"
+        if along_trajectory:  # J does not depend on w_T: no terminal adjoint
+            metrics["query_loss"], metrics["loss"] = metrics["loss"], torch.stack(trajectory).mean()
+            outer: Sequence[Tensor | None] = [None] * (len(w_t) + len(phi))
+        else:
+            outer = torch.autograd.grad(loss * scale, list(w_t.values()) + phi, allow_unused=True)
         adjoint_w = dict(zip(w_t, outer[: len(w_t)]))
         adjoint_s: list[Tensor | None] = [None] * len(_leaves(state))
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(phi, outer[len(w_t) :])]
@@ -93,10 +97,19 @@ class CheckpointedUnrolled(HypergradEstimator):
             else:
                 params_k, state_k = _as_leaves(params_k), _as_leaves(state_k)
             result = run_inner_loop(
-                params_k, objective, optimizer, min(segment, steps - start), opt_state=state_k, first_step=start
+                params_k,
+                objective,
+                optimizer,
+                min(segment, steps - start),
+                opt_state=state_k,
+                first_step=start,
+                keep_loss_graph=along_trajectory,
             )
             outputs = list(result.params.values()) + _leaves(result.opt_state)
             cotangents = [adjoint_w[n] for n in result.params] + adjoint_s
+            if along_trajectory:  # this segment's own terms of J
+                outputs.append(torch.stack(result.losses).sum())
+                cotangents.append(torch.tensor(scale / steps, dtype=outputs[-1].dtype, device=outputs[-1].device))
             keep = [i for i, (o, c) in enumerate(zip(outputs, cotangents)) if c is not None and o.requires_grad]
             inputs = list(params_k.values()) + _leaves(state_k) if start > 0 else []
             pulled = torch.autograd.grad(
@@ -107,5 +120,5 @@ class CheckpointedUnrolled(HypergradEstimator):
                 adjoint_w = {n: g for n, g in zip(params_k, pulled[: len(params_k)])}
                 adjoint_s = list(pulled[len(params_k) : len(inputs)])
         metrics["checkpoints"] = len(checkpoints)
-        metrics["inner_loss_last"] = last_inner_loss
+        metrics["inner_loss_last"] = trajectory[-1]
         return grads, metrics

@@ -46,7 +46,10 @@ class Implicit(HypergradEstimator):
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         if problem.meta_objective != "query":
-            raise ConfigError("implicit differentiation supports meta_objective='query' only")
+            raise ConfigError(
+                "implicit differentiation supports meta_objective='query' only: the trajectory objective "
+                "depends on every iterate, not only on the inner solution (use unrolled or checkpointed)"
+            )
         return mean_over_tasks(problem, episodes, self._task)
 
     def _task(
