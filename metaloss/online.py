@@ -13,7 +13,7 @@ particles (and antithetic pairs) run as one batch:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -39,6 +39,24 @@ class TruncatedSystem(Protocol):
         """Advance every particle `steps` steps (not past the horizon); returns the new state and
         the mean loss of those steps per particle, [P]. Differentiable in phi where the system is."""
         ...
+
+
+Truncation = Union[int, Sequence[int]]
+
+
+def check_truncation(truncation: Truncation) -> tuple[int, ...]:
+    """A truncation schedule as a tuple of lengths: K (every truncation K steps), or the lengths of
+    an inner problem's first, second, ... truncations, the last one repeating (e.g. [1, 2, 4, 8]:
+    short truncations while the inner state changes fast, longer ones later)."""
+    lengths = (truncation,) if isinstance(truncation, int) else tuple(truncation)
+    if not lengths or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in lengths):
+        raise ConfigError(f"truncation must be an int >= 1 or a non-empty list of them, got {truncation!r}")
+    return lengths
+
+
+def truncation_length(lengths: tuple[int, ...], count: int, remaining: int) -> int:
+    """Steps of an inner problem's truncation number `count` (0-based), at most `remaining`."""
+    return min(lengths[min(count, len(lengths) - 1)], remaining)
 
 
 def broadcast(phi: Sequence[Tensor], particles: int) -> list[Tensor]:

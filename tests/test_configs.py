@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metaloss.errors import DataNotFoundError
+from metaloss.errors import ConfigError, DataNotFoundError
 from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnline, Implicit, Unrolled
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
@@ -287,3 +287,16 @@ def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_roo
     built = load_common().build(compose_with(*overrides))
     assert built.problem.meta_parameters()
     assert len(built.outer_opt.param_groups[0]["params"]) == len(built.problem.meta_parameters())
+
+
+def test_online_estimators_take_a_truncation_schedule_and_an_update_interval():
+    cfg = compose_with("hypergrad=pes", "hypergrad.truncation=[1,2,4]", "hypergrad.update=truncation")
+    estimator = instantiate(cfg.hypergrad)
+    assert isinstance(estimator, EpisodicOnline) and estimator.update == "truncation"
+    assert estimator.make(0).lengths == (1, 2, 4)
+    with pytest.raises(Exception) as info:  # Hydra's instantiate may wrap the error
+        instantiate(compose_with("hypergrad=es_single", "hypergrad.truncation=[2,0]").hypergrad)
+    cause = info.value
+    while cause is not None and not isinstance(cause, ConfigError):
+        cause = cause.__cause__ or cause.__context__
+    assert cause is not None and "truncation must be" in str(cause)

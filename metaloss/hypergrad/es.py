@@ -19,7 +19,7 @@ from torch import Tensor
 
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator
-from metaloss.online import TruncatedSystem
+from metaloss.online import TruncatedSystem, Truncation, check_truncation, truncation_length
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -112,21 +112,24 @@ class OnlineES(OnlineEstimator):
     which is unbiased for the total derivative of the truncation's loss (exactly so for quadratic
     problems). resample_every=1 is PES; resample_every=None is ES-Single; either with a
     truncation as long as the horizon is full-unroll antithetic ES. No backward pass is taken.
+    truncation: K, or a schedule of lengths (see `metaloss.online.check_truncation`); the estimate
+    stays unbiased whatever the lengths.
     """
 
     def __init__(
         self,
         particles: int = 4,
         sigma: float = 0.01,
-        truncation: int = 10,
+        truncation: Truncation = 10,
         resample_every: int | None = None,
         seed: int = 0,
     ) -> None:
-        if particles < 2 or particles % 2 or sigma <= 0 or truncation < 1:
-            raise ConfigError("online ES needs an even particles >= 2, sigma > 0 and truncation >= 1")
+        if particles < 2 or particles % 2 or sigma <= 0:
+            raise ConfigError("online ES needs an even particles >= 2 and sigma > 0")
+        self.lengths = check_truncation(truncation)
         if resample_every is not None and resample_every < 1:
             raise ConfigError(f"resample_every must be >= 1 or None, got {resample_every}")
-        self.particles, self.sigma, self.truncation, self.resample_every = particles, sigma, truncation, resample_every
+        self.particles, self.sigma, self.resample_every = particles, sigma, resample_every
         self.generator = torch.Generator().manual_seed(seed)
         self.state: dict | None = None
         self.eps: list[Tensor] = []
@@ -141,7 +144,7 @@ class OnlineES(OnlineEstimator):
         if self.count == 0 or (self.resample_every is not None and self.count % self.resample_every == 0):
             self.eps = [torch.randn(pairs, *p.shape, generator=self.generator, dtype=p.dtype).to(p.device) for p in phi]
             self.xi = [x + e for x, e in zip(self.xi, self.eps)]
-        steps = min(self.truncation, system.horizon - self.state["t"])
+        steps = truncation_length(self.lengths, self.count, system.horizon - self.state["t"])
         with torch.no_grad():
             perturbed = [torch.cat([p + self.sigma * e, p - self.sigma * e]) for p, e in zip(phi, self.eps)]
             self.state, loss = system.unroll(self.state, perturbed, steps)  # loss: [particles]

@@ -24,7 +24,7 @@ from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator, mean_over_tasks
 from metaloss.hypergrad.es import OnlineES
 from metaloss.hypergrad.truncated import TruncatedBackprop
-from metaloss.online import EpisodeSystem
+from metaloss.online import EpisodeSystem, Truncation
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -37,7 +37,8 @@ def _add(total: list[Tensor | None], part: Sequence[Tensor | None], weight: floa
 
 
 class EpisodicOnline(HypergradEstimator):
-    """kind: "tbptt", "pes" or "es_single"; truncation: K inner steps per truncation; particles and
+    """kind: "tbptt", "pes" or "es_single"; truncation: K inner steps per truncation, or a schedule
+    of lengths (`metaloss.online.check_truncation`, e.g. [1, 2, 4]); particles and
     sigma: for the ES kinds; update: "horizon" or "truncation" (see the module docstring);
     seed: fixes the ES noise of every (call, episode) of a run; batched: run an ES kind's particles
     as one `vmap` batch (see `EpisodeSystem`)."""
@@ -45,7 +46,7 @@ class EpisodicOnline(HypergradEstimator):
     def __init__(
         self,
         kind: str = "es_single",
-        truncation: int = 1,
+        truncation: Truncation = 1,
         particles: int = 8,
         sigma: float = 0.01,
         seed: int = 0,
@@ -64,7 +65,7 @@ class EpisodicOnline(HypergradEstimator):
         if batched and kind == "tbptt":
             raise ConfigError("batched particles are for the ES kinds (pes, es_single); tbptt runs one particle")
         makers[kind](seed)  # validates the settings now
-        self.kind, self.make, self.truncation, self.seed, self.update = kind, makers[kind], truncation, seed, update
+        self.kind, self.make, self.seed, self.update = kind, makers[kind], seed, update
         self.batched = batched
         self.calls = self.tasks = 0
 
@@ -95,7 +96,7 @@ class EpisodicOnline(HypergradEstimator):
                 out = estimator.estimate(system, phi)
                 grads = _add(grads, out.grads, 1.0 / len(runs))
                 loss += out.outer_loss / len(runs)
-            t += min(self.truncation, horizon - t)
+            t = int(out.metrics["t"])  # every system runs the same schedule, so they stay in lockstep
             yield HypergradOut(grads=grads, outer_loss=loss, metrics={"loss": loss, "t": float(t)})
 
     def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
@@ -104,8 +105,7 @@ class EpisodicOnline(HypergradEstimator):
         t = 0
         while t < system.horizon:
             out = estimator.estimate(system, phi)
-            steps = min(self.truncation, system.horizon - t)
-            t += steps
+            steps, t = int(out.metrics["t"]) - t, int(out.metrics["t"])
             if problem.meta_objective == "inner_mean":
                 grads = _add(grads, out.grads, scale * steps / system.horizon)
             else:

@@ -10,25 +10,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import OnlineEstimator
-from metaloss.online import TruncatedSystem, broadcast, detach_state
+from metaloss.online import TruncatedSystem, Truncation, broadcast, check_truncation, detach_state, truncation_length
 from metaloss.types import HypergradOut
 
 
 class TruncatedBackprop(OnlineEstimator):
-    """Backpropagate the loss of each K-step truncation into phi, from a detached state."""
+    """Backpropagate the loss of each K-step truncation into phi, from a detached state.
+    truncation: K, or a schedule of lengths (see `metaloss.online.check_truncation`)."""
 
-    def __init__(self, truncation: int) -> None:
-        if truncation < 1:
-            raise ConfigError(f"truncation must be >= 1, got {truncation}")
-        self.truncation = truncation
+    def __init__(self, truncation: Truncation) -> None:
+        self.lengths = check_truncation(truncation)
         self.state: dict[str, Any] | None = None
+        self.count = 0  # truncations since the inner problem began
 
     def estimate(self, system: TruncatedSystem, phi: list[Tensor]) -> HypergradOut:
         if self.state is None or self.state["t"] >= system.horizon:
-            self.state = system.init(1)
-        steps = min(self.truncation, system.horizon - self.state["t"])
+            self.state, self.count = system.init(1), 0
+        steps = truncation_length(self.lengths, self.count, system.horizon - self.state["t"])
+        self.count += 1
         state, loss = system.unroll(detach_state(self.state), broadcast(phi, 1), steps)
         grads = torch.autograd.grad(loss.sum(), phi, allow_unused=True)
         self.state = detach_state(state)

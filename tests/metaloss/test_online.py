@@ -162,3 +162,26 @@ def test_episodic_online_per_truncation_es_single_learns_and_refuses_estimate() 
         estimator.estimate(problem, episodes)
     with pytest.raises(ConfigError, match="update interval"):
         EpisodicOnline("pes", update="sometimes")
+
+
+def test_episodic_online_follows_a_truncation_schedule() -> None:
+    """Lengths [1, 2] over T = 3: two updates per meta-step in the online mode; in the horizon mode
+    the trajectory objective weights the truncations 1/3 and 2/3, which for TBPTT is the weighted
+    sum of the two truncations' own gradients (checked against the systems driven by hand)."""
+    from metaloss.engine import meta_step
+    from metaloss.hypergrad import EpisodicOnline
+
+    problem, (episode,) = make_problem("sgd_learned_lr", steps=3), make_episodes(1)
+    out = meta_step(problem, EpisodicOnline("tbptt", truncation=[1, 2], update="truncation"),
+                    torch.optim.SGD(problem.meta_parameters(), lr=0.01), [episode])  # fmt: skip
+    assert out.metrics["outer_updates"] == 2.0
+
+    problem = make_problem("sgd_learned_lr", steps=3)
+    problem.meta_objective = "inner_mean"
+    got = EpisodicOnline("tbptt", truncation=[1, 2]).estimate(problem, [episode]).grads
+    system, tbptt = EpisodeSystem(problem, episode), TruncatedBackprop([1, 2])
+    first, second = (tbptt.estimate(system, problem.meta_parameters()).grads for _ in range(2))
+    for g, a, b in zip(got, first, second):  # None: a truncation's loss does not reach that parameter
+        # (the first truncation's loss is L_in(w_0): it reaches the init, not the learning rate)
+        want = sum(w * x for w, x in ((1 / 3, a), (2 / 3, b)) if x is not None)
+        torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-14)

@@ -100,3 +100,44 @@ def test_bad_settings_are_rejected() -> None:
     for make in (lambda: OnlineES(particles=3), lambda: OnlineES(resample_every=0), lambda: TruncatedBackprop(0)):
         with pytest.raises(ConfigError):
             make()
+
+
+def exact_scheduled_gradient(system, theta: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """d L / d theta of the last of the truncations with these lengths, through all of them."""
+    theta = theta.clone().requires_grad_()
+    state = system.init(1)
+    for k in lengths:
+        state, loss = system.unroll(state, broadcast([theta], 1), k)
+    return torch.autograd.grad(loss.sum(), theta)[0]
+
+
+@pytest.mark.parametrize("resample_every", [1, None], ids=["pes", "es_single"])
+def test_a_truncation_schedule_keeps_pes_and_es_single_unbiased(resample_every: int | None) -> None:
+    """Lengths [1, 2, 4] (then 4 again): the fourth truncation covers steps 7..10 of 12."""
+    system = LinearQuadraticSystem(d=3, a=0.5, horizon=12)
+    exact = exact_scheduled_gradient(system, THETA, [1, 2, 4, 4])
+    samples = estimates(lambda s: OnlineES(4, 0.1, [1, 2, 4], resample_every, s), system, 4, 400)
+    mean, se = samples.mean(0), samples.std(0) / samples.shape[0] ** 0.5
+    assert ((mean - exact).abs() < 4 * se).all(), (mean, exact, se)
+    assert (4 * se < exact.abs().max()).all()
+
+
+def test_truncation_schedule_lengths_and_the_reset_at_the_horizon() -> None:
+    system = LinearQuadraticSystem(d=3, a=0.9, horizon=10)
+    tbptt, es = TruncatedBackprop([1, 2, 4]), OnlineES(2, 0.1, [1, 2, 4], None, 0)
+    # 1, 2, 4, then the last length repeats and is cut at the horizon (3 left); then a new problem
+    expected = [1.0, 3.0, 7.0, 10.0, 1.0, 3.0]
+    assert [tbptt.estimate(system, [THETA.clone().requires_grad_()]).metrics["t"] for _ in range(6)] == expected
+    assert [es.estimate(system, [THETA]).metrics["t"] for _ in range(6)] == expected
+    # a schedule that covers the horizon in one truncation is the exact full-horizon gradient
+    theta = THETA.clone().requires_grad_()
+    torch.testing.assert_close(TruncatedBackprop([10]).estimate(system, [theta]).grads[0],
+                               exact_scheduled_gradient(system, THETA, [10]), rtol=1e-12, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [0, [], [2, 0], [1.5], True, "4"])
+def test_bad_truncation_schedules_are_rejected(bad) -> None:
+    with pytest.raises(ConfigError, match="truncation"):
+        OnlineES(2, 0.1, bad)
+    with pytest.raises(ConfigError, match="truncation"):
+        TruncatedBackprop(bad)
