@@ -7,7 +7,8 @@ buffer by mmap and returns it on free, so the resident set follows live memory (
 default, adaptive threshold, heap fragmentation alone grew a flat estimator's peak 1.3-2.8x from
 T = 10 to 1,000, measured here). Setting: an MLP 64-256-256-1 (tanh) regressing a random linear target, batch 256,
 inner SGD lr 0.01 with a learned L2 penalty and iMAML's proximal term (so every estimator has a
-non-zero hypergradient), float32, one task.
+non-zero hypergradient), float32, one task. ES: 2 antithetic pairs over the whole run, one after
+another or as one vmap batch; ES-Single: 4 particles (2 pairs) as one batch, truncations of 10.
 
     python benchmarks/memory_vs_horizon.py                  # T in 10 100 1000
     python benchmarks/memory_vs_horizon.py --horizons 10 100 --estimators unrolled implicit
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ESTIMATORS = ("unrolled", "checkpointed", "implicit", "es")
+ESTIMATORS = ("unrolled", "checkpointed", "implicit", "es", "es_batched", "es_single")
 
 
 def rss_kib() -> int:
@@ -38,7 +39,7 @@ def child(estimator_name: str, horizon: int) -> dict:
     import torch
     from torch import nn
 
-    from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, Implicit, Unrolled
+    from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnline, Implicit, Unrolled
     from metaloss.losses import mse
     from metaloss.meta import HyperparameterOptimizer, LearnedInit, Proximal
     from metaloss.problem import BilevelProblem
@@ -58,6 +59,8 @@ def child(estimator_name: str, horizon: int) -> dict:
         "checkpointed": lambda: CheckpointedUnrolled(),
         "implicit": lambda: Implicit("cg", iterations=20),
         "es": lambda: AntitheticES(particles=2, sigma=0.01),
+        "es_batched": lambda: AntitheticES(particles=2, sigma=0.01, batched=True),
+        "es_single": lambda: EpisodicOnline("es_single", truncation=10, particles=4, sigma=0.01, batched=True),
     }[estimator_name]()
     before = rss_kib()
     started = time.perf_counter()

@@ -94,7 +94,8 @@ class BilevelProblem:
         """This problem with phi (aligned with `meta_parameters()`) in place of the meta-modules'
         own parameters, through `torch.func.functional_call`: phi may be any tensors (an ES
         particle's perturbed phi, or a slice of a vmapped batch). Needs meta-parameters that are not
-        shared between meta-modules."""
+        shared between meta-modules, and meta-modules whose forward() reads its parameters when
+        called: a returned closure that reads `self.x` later would see the module's own phi."""
         from torch.func import functional_call
 
         names = [(key, name) for key, m in self.meta_modules().items() for name, p in m.named_parameters()

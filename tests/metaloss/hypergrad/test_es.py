@@ -71,8 +71,10 @@ class QuantizedSGD(nn.Module):
     def forward(self):
         from metaloss.inner.optim import InnerOptimizer
 
+        lr = self.lr  # read now, not when update runs (see BilevelProblem.with_meta_parameters)
+
         def update(grads, state, params):
-            return {n: p - torch.round(self.lr * grads[n] / 0.05) * 0.05 for n, p in params.items()}, state
+            return {n: p - torch.round(lr * grads[n] / 0.05) * 0.05 for n, p in params.items()}, state
 
         return InnerOptimizer(lambda params: {}, update)
 

@@ -103,3 +103,17 @@ def test_batched_tbptt_is_refused() -> None:
         EpisodicOnline("tbptt", batched=True)
     with pytest.raises(ConfigError, match="chunk"):
         AntitheticES(chunk=0)
+
+
+def test_batched_es_works_where_the_inner_loop_is_not_differentiable() -> None:
+    """The quantised-step inner optimizer of test_es.py: autograd gives zero for its learning rate;
+    the batched ES estimate equals the loop's and is not zero."""
+    from test_es import QuantizedSGD, quadratic_problem
+
+    problem, episodes = quadratic_problem()
+    problem.init.requires_grad_(False)
+    problem.inner_opt = QuantizedSGD()
+    loop = AntitheticES(particles=8, sigma=0.05, seed=0).estimate(problem, episodes)
+    batched = AntitheticES(particles=8, sigma=0.05, seed=0, batched=True).estimate(problem, episodes)
+    assert_same(batched, loop)
+    assert loop.grads[0].abs().item() > 0
