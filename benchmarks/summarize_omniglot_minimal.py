@@ -14,6 +14,7 @@ import platform
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent
 RUNS, RESULTS, CHECKPOINTS = ROOT / "runs", ROOT / "results", ROOT / "checkpoints"
@@ -25,13 +26,15 @@ def main() -> None:
         m = json.loads(metrics_file.read_text())
         setting = metrics_file.parent.name.split("_")[2]  # 5way / 20way
         steps = sorted(int(k.split("step")[1]) for k in m if k.startswith("meta/accuracy_step") and "ci95" not in k)
+        overrides = [o for o in yaml.safe_load((metrics_file.parent / ".hydra" / "overrides.yaml").read_text())
+                     if not o.startswith("hydra.")]  # fmt: skip
+        variant = [o for o in overrides if o.split("=")[0] not in ("experiment", "algorithm", "threads", "progress")]
         rows.append(
             {
                 "setting": setting,
-                "algorithm": m["algorithm"],
+                "algorithm": m["algorithm"] + (f" ({', '.join(variant)})" if variant else ""),
                 "run_dir": str(metrics_file.parent.relative_to(ROOT.parent)),
-                "command": f"python scripts/meta_train.py experiment=omniglot_minimal_{setting} "
-                f"algorithm={m['algorithm']} threads=1 progress=false",
+                "command": "python scripts/meta_train.py " + " ".join(overrides),
                 "meta_steps": m["meta_steps"],
                 "train_minutes": round(m["train_seconds"] / 60, 1),
                 "sampling_share": round(m["sample_seconds"] / max(m["step_seconds"] + m["sample_seconds"], 1e-9), 4),
@@ -69,7 +72,7 @@ def main() -> None:
         state = torch.load(ROOT.parent / best["run_dir"] / "checkpoint.pt", map_location="cpu", weights_only=False)
         state.pop("outer_opt", None)
         CHECKPOINTS.mkdir(exist_ok=True)
-        path = CHECKPOINTS / f"omniglot_minimal_20way_{best['algorithm']}.pt"
+        path = CHECKPOINTS / f"{Path(best['run_dir']).name}.pt"
         torch.save(state, path)
         print(f"kept {path} ({path.stat().st_size / 1e6:.2f} MB): {best['command']}")
 
