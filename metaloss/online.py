@@ -75,18 +75,26 @@ def online_meta_train(
     outer_opt: torch.optim.Optimizer,
     truncations: int,
     *,
+    update_every: int = 1,
     progress: bool = False,
 ) -> list[dict[str, float]]:
-    """`truncations` outer steps: each one asks `estimator` (an OnlineEstimator) for the
-    hypergradient of the next truncation and applies it. Returns the metrics of every step."""
-    if truncations < 0:
-        raise ConfigError(f"truncations must be >= 0, got {truncations}")
-    history = []
-    for _ in tqdm(range(truncations), desc="online meta-train", disable=not progress, dynamic_ncols=True):
+    """Run `truncations` truncations: each asks `estimator` (an OnlineEstimator) for the
+    hypergradient of the next truncation; phi is stepped with the mean of the estimates every
+    `update_every` truncations (the update interval of Li et al. 2023; 1: every truncation) and
+    after the last. Returns the metrics of every truncation."""
+    if truncations < 0 or isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ConfigError(f"need truncations >= 0 and update_every >= 1, got {truncations} and {update_every!r}")
+    history: list[dict[str, float]] = []
+    pending: list[Sequence[Tensor | None]] = []
+    for n in tqdm(range(truncations), desc="online meta-train", disable=not progress, dynamic_ncols=True):
         out = estimator.estimate(system, list(phi))
-        for p, g in zip(phi, out.grads):
-            p.grad = None if g is None else g.detach()
-        outer_opt.step()
+        pending.append(out.grads)
+        if len(pending) == update_every or n == truncations - 1:
+            for j, p in enumerate(phi):
+                parts = [g[j].detach() for g in pending if g[j] is not None]
+                p.grad = sum(parts) / len(pending) if parts else None
+            outer_opt.step()
+            pending = []
         history.append({**out.metrics, **{f"phi/{i}": p.detach().float().mean().item() for i, p in enumerate(phi)}})
     return history
 

@@ -294,6 +294,7 @@ def test_online_estimators_take_a_truncation_schedule_and_an_update_interval():
     estimator = instantiate(cfg.hypergrad)
     assert isinstance(estimator, EpisodicOnline) and estimator.update == "truncation"
     assert estimator.make(0).lengths == (1, 2, 4)
+    assert instantiate(compose_with("hypergrad=es_single", "hypergrad.update=3").hypergrad).update == 3
     with pytest.raises(Exception) as info:  # Hydra's instantiate may wrap the error
         instantiate(compose_with("hypergrad=es_single", "hypergrad.truncation=[2,0]").hypergrad)
     cause = info.value

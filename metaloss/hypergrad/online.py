@@ -11,7 +11,8 @@ update="truncation" (the online regime of Vicol et al. 2021; Li et al. 2023): ph
 every truncation from the mean estimate over the meta-batch's inner problems, which run in
 lockstep and go on with the updated phi. Each update descends that truncation's loss (its mean
 inner loss, or the query loss after it), so a long inner problem, e.g. a whole training run, gets
-T / K meta-updates instead of one.
+T / K meta-updates instead of one. update=m (an int): the same, with the mean of every m
+truncations' estimates per update (the update interval; "truncation" is m = 1).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _add(total: list[Tensor | None], part: Sequence[Tensor | None], weight: floa
 class EpisodicOnline(HypergradEstimator):
     """kind: "tbptt", "pes" or "es_single"; truncation: K inner steps per truncation, or a schedule
     of lengths (`metaloss.online.check_truncation`, e.g. [1, 2, 4]); particles and
-    sigma: for the ES kinds; update: "horizon" or "truncation" (see the module docstring);
+    sigma: for the ES kinds; update: "horizon", "truncation" or an int m (see the module docstring);
     seed: fixes the ES noise of every (call, episode) of a run; batched: run an ES kind's particles
     as one `vmap` batch (see `EpisodeSystem`)."""
 
@@ -50,7 +51,7 @@ class EpisodicOnline(HypergradEstimator):
         particles: int = 8,
         sigma: float = 0.01,
         seed: int = 0,
-        update: str = "horizon",
+        update: str | int = "horizon",
         batched: bool = False,
     ) -> None:
         makers: dict[str, Callable[[int], OnlineEstimator]] = {
@@ -60,8 +61,8 @@ class EpisodicOnline(HypergradEstimator):
         }
         if kind not in makers:
             raise ConfigError(f"unknown online estimator {kind!r}; expected one of {sorted(makers)}")
-        if update not in UPDATES:
-            raise ConfigError(f"unknown update interval {update!r}; expected one of {UPDATES}")
+        if update not in UPDATES and (isinstance(update, bool) or not isinstance(update, int) or update < 1):
+            raise ConfigError(f"unknown update interval {update!r}; expected one of {UPDATES} or an int >= 1")
         if batched and kind == "tbptt":
             raise ConfigError("batched particles are for the ES kinds (pes, es_single); tbptt runs one particle")
         makers[kind](seed)  # validates the settings now
@@ -74,8 +75,8 @@ class EpisodicOnline(HypergradEstimator):
         return self.make(self.seed * 1_000_003 + self.calls * 10_007 + self.tasks)
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
-        if self.update == "truncation":
-            raise ConfigError("EpisodicOnline(update='truncation') makes several updates per meta-step: use updates()")
+        if self.update != "horizon":
+            raise ConfigError(f"update={self.update!r} means several updates per meta-step: use updates()")
         self.calls, self.tasks = self.calls + 1, 0
         return mean_over_tasks(problem, episodes, self._task)
 
@@ -87,16 +88,21 @@ class EpisodicOnline(HypergradEstimator):
             raise ConfigError("a meta-batch needs at least one episode")
         self.calls, self.tasks = self.calls + 1, 0
         runs = [(EpisodeSystem(problem, episode, self.batched), self._new_estimator()) for episode in episodes]
+        every = 1 if self.update == "truncation" else int(self.update)
         horizon, t = runs[0][0].horizon, 0
         while t < horizon:
             phi = problem.meta_parameters()  # as the caller left it after the last update
             grads: list[Tensor | None] = [None] * len(phi)
-            loss = 0.0
-            for system, estimator in runs:
-                out = estimator.estimate(system, phi)
-                grads = _add(grads, out.grads, 1.0 / len(runs))
-                loss += out.outer_loss / len(runs)
-            t = int(out.metrics["t"])  # every system runs the same schedule, so they stay in lockstep
+            losses, truncations = [], 0
+            while t < horizon and truncations < every:
+                for system, estimator in runs:
+                    out = estimator.estimate(system, phi)
+                    grads = _add(grads, out.grads, 1.0 / len(runs))
+                    losses.append(out.outer_loss)
+                t = int(out.metrics["t"])  # every system runs the same schedule, so they stay in lockstep
+                truncations += 1
+            grads = [None if g is None else g / truncations for g in grads]  # the mean over the truncations
+            loss = sum(losses) / len(losses)
             yield HypergradOut(grads=grads, outer_loss=loss, metrics={"loss": loss, "t": float(t)})
 
     def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):

@@ -14,7 +14,7 @@ from test_es import quadratic_problem  # noqa: E402
 from test_unrolled import make_episodes, make_problem  # noqa: E402
 
 from metaloss.hypergrad import OnlineES, TruncatedBackprop, Unrolled  # noqa: E402
-from metaloss.online import EpisodeSystem  # noqa: E402
+from metaloss.online import EpisodeSystem, online_meta_train  # noqa: E402
 
 
 def test_tbptt_over_the_whole_horizon_equals_the_full_unroll() -> None:
@@ -185,3 +185,52 @@ def test_episodic_online_follows_a_truncation_schedule() -> None:
         # (the first truncation's loss is L_in(w_0): it reaches the init, not the learning rate)
         want = sum(w * x for w, x in ((1 / 3, a), (2 / 3, b)) if x is not None)
         torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-14)
+
+
+def test_an_update_interval_of_two_truncations_averages_their_estimates() -> None:
+    """update=2 over four one-step truncations: two updates, each from the mean of two consecutive
+    truncation estimates taken at the same phi (compared with the systems driven by hand)."""
+    from metaloss.engine import meta_step
+    from metaloss.hypergrad import EpisodicOnline
+
+    problem, episodes = make_problem("momentum_learned", steps=4), make_episodes(2)
+    problem.meta_objective = "inner_mean"
+    out = meta_step(problem, EpisodicOnline("tbptt", truncation=1, update=2),
+                    torch.optim.SGD(problem.meta_parameters(), lr=0.05), episodes)  # fmt: skip
+    assert out.metrics["outer_updates"] == 2.0
+
+    reference = make_problem("momentum_learned", steps=4)
+    reference.meta_objective = "inner_mean"
+    phi = reference.meta_parameters()
+    runs = [(EpisodeSystem(reference, e), TruncatedBackprop(1)) for e in episodes]
+    for _ in range(2):
+        outs = [estimator.estimate(system, phi).grads for _ in range(2) for system, estimator in runs]
+        with torch.no_grad():
+            for i, p in enumerate(phi):
+                parts = [o[i] for o in outs if o[i] is not None]
+                if parts:
+                    p -= 0.05 * sum(parts) / 4  # two episodes x two truncations
+    for got, want in zip(problem.meta_parameters(), phi):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_online_meta_train_update_interval() -> None:
+    """update_every=3 over 7 truncations: steps after truncations 3, 6 and 7, each with the mean of
+    its estimates (the first checked against the same estimates at the unchanged theta)."""
+    import pytest
+
+    from metaloss.errors import ConfigError
+    from tasks.synthetic import LinearQuadraticSystem
+
+    system = LinearQuadraticSystem(d=3, a=0.5, horizon=100)
+    theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    outer = torch.optim.SGD([theta], lr=0.1)
+    applied, step = [], outer.step
+    outer.step = lambda: (applied.append(theta.grad.clone()), step())[1]
+    history = online_meta_train(system, TruncatedBackprop(1), [theta], outer, 7, update_every=3)
+    assert len(history) == 7 and len(applied) == 3
+    reference, fixed = TruncatedBackprop(1), [torch.zeros(3, dtype=torch.float64).requires_grad_()]
+    first = [reference.estimate(system, fixed).grads[0] for _ in range(3)]
+    torch.testing.assert_close(applied[0], sum(first) / 3, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ConfigError, match="update_every"):
+        online_meta_train(system, TruncatedBackprop(1), [theta], outer, 2, update_every=0)
