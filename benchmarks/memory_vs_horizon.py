@@ -12,6 +12,9 @@ another or as one vmap batch; ES-Single: 4 particles (2 pairs) as one batch, tru
 
     python benchmarks/memory_vs_horizon.py                  # T in 10 100 1000
     python benchmarks/memory_vs_horizon.py --horizons 10 100 --estimators unrolled implicit
+    python benchmarks/memory_vs_horizon.py --replot         # redraw the PNG from the recorded JSON
+
+Writes benchmarks/results/memory_vs_horizon.{json,png}; the last stdout line is the JSON.
 """
 
 from __future__ import annotations
@@ -75,10 +78,14 @@ def main() -> None:
     parser.add_argument("--horizons", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_vs_horizon.json"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the recorded JSON")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    if args.replot:
+        plot(json.loads(args.out.read_text())["rows"], args.out.with_suffix(".png"))
         return
     rows = []
     for name in args.estimators:
@@ -109,7 +116,34 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, args.out.with_suffix(".png"))
     print(json.dumps(result))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Peak memory growth and time against T, log-log, one line per estimator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (memory, seconds) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name in dict.fromkeys(r["estimator"] for r in rows):
+        mine = sorted((r for r in rows if r["estimator"] == name), key=lambda r: r["T"])
+        horizons = [r["T"] for r in mine]
+        memory.plot(horizons, [r["peak_growth_mib"] for r in mine], "o-", label=name)
+        seconds.plot(horizons, [r["seconds"] for r in mine], "o-", label=name)
+    for ax, label in ((memory, "peak memory growth (MiB)"), (seconds, "seconds per hypergradient")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("inner steps T")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", lw=0.3)
+    memory.legend(fontsize=8)
+    memory.set_title("memory against T (MLP 64-256-256-1)")
+    seconds.set_title("time against T")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
