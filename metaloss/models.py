@@ -1,5 +1,6 @@
-"""Backbones used by the few-shot and regression tasks. The last layer is always `head`,
-so head-only adaptation (ANIL) is the config `adapt: [head]`."""
+"""Backbones used by the few-shot and regression tasks. Each is head(body(x)), and `split()` names
+the two submodules, so head-only adaptation (ANIL) is the config `adapt: [head]` and the inner loop
+can compute the body's features once per episode (`BilevelProblem.reuse_features`)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: [n, in_features] -> [n, out_features]
         return self.head(self.body(x))
+
+    def split(self) -> tuple[str, str]:
+        """(body, head) submodule names: forward(x) = head(body(x))."""
+        return "body", "head"
 
 
 class Conv4(nn.Module):
@@ -82,6 +87,10 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: [n, C, H, W] -> [n, n_classes]
         return self.head(self.features(x))
 
+    def split(self) -> tuple[str, str]:
+        """(body, head) submodule names: forward(x) = head(features(x))."""
+        return "features", "head"
+
 
 class _ResidualBlock(nn.Module):
     """Three conv3x3-BatchNorm-LeakyReLU(0.1) layers, a 1x1-conv + BatchNorm shortcut, 2x2 max-pool."""
@@ -119,3 +128,7 @@ class ResNet12(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: [n, C, H, W] -> [n, n_classes]
         return self.head(self.features(x))
+
+    def split(self) -> tuple[str, str]:
+        """(body, head) submodule names: forward(x) = head(features(x))."""
+        return "features", "head"

@@ -37,7 +37,10 @@ class BilevelProblem:
     inner_batch_size: minibatch size of inner SGD over the support set (None: full batch);
     meta_objective: "query" (L_outer on the query set after adaptation) or "inner_mean" (the mean
     inner loss along the trajectory, (1/T) sum_t L_in(w_t), as in learned-optimizer and
-    learning-rate meta-learning, e.g. the MNIST-1D paper)."""
+    learning-rate meta-learning, e.g. the MNIST-1D paper);
+    reuse_features: when only the head adapts (ANIL), compute the body's support features once
+    per inner loop instead of at every step (the model names its parts with `split()`; needs the
+    full support batch, so not with `inner_batch_size`). Exact: the body does not change."""
 
     model: nn.Module
     init: nn.Module
@@ -51,6 +54,7 @@ class BilevelProblem:
     inner_regularizer: Callable[[Params, Params], Tensor] | None = None
     inner_batch_size: int | None = None
     meta_objective: str = "query"
+    reuse_features: bool = True
 
     def __post_init__(self) -> None:
         if self.meta_objective not in META_OBJECTIVES:
@@ -168,12 +172,46 @@ class BilevelProblem:
         (wrapping around); otherwise, and for t=None (the full objective, as implicit
         differentiation needs it), the whole support set."""
 
+        head_only = self._head_only()
+        if head_only is not None:
+            return self._head_objective(episode, w0, frozen, *head_only)
+
         def support_loss(params: Params, t: int | None = None) -> Tensor:
             x, y = episode.support_x, episode.support_y
             if self.inner_batch_size is not None and t is not None:
                 rows = torch.arange(t * self.inner_batch_size, (t + 1) * self.inner_batch_size) % len(x)
                 x, y = x[rows], y[rows]  # [B, ...]
             loss = self.inner_loss(self.predict({**frozen, **params}, x), y)
+            if self.inner_regularizer is not None:
+                loss = loss + self.inner_regularizer(params, w0)
+            return loss
+
+        return support_loss
+
+    def _head_only(self) -> tuple[str, str] | None:
+        """(body, head) names when the features can be reused: only the head adapts, and every
+        parameter belongs to one of the two parts."""
+        if not self.reuse_features or self.inner_batch_size is not None or not hasattr(self.model, "split"):
+            return None
+        body, head = self.model.split()
+        names = [name for name, _ in self.model.named_parameters()]
+        if self.adapt != (head,) or not all(n.startswith((body + ".", head + ".")) for n in names):
+            return None
+        return body, head
+
+    def _head_objective(self, episode: Episode, w0: Params, frozen: Params, body: str, head: str):
+        """The support loss as a function of the head's parameters, on features computed once."""
+        from torch.func import functional_call
+
+        def part(params: Params, prefix: str) -> Params:
+            return {n[len(prefix) + 1 :]: p for n, p in params.items() if n.startswith(prefix + ".")}
+
+        body_module = self.model.get_submodule(body)
+        features = functional_call(body_module, part(frozen, body), (episode.support_x,), strict=False)
+        head_module, y = self.model.get_submodule(head), episode.support_y
+
+        def support_loss(params: Params, t: int | None = None) -> Tensor:
+            loss = self.inner_loss(functional_call(head_module, part(params, head), (features,), strict=False), y)
             if self.inner_regularizer is not None:
                 loss = loss + self.inner_regularizer(params, w0)
             return loss
