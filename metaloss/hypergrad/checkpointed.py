@@ -98,7 +98,7 @@ class CheckpointedUnrolled(HypergradEstimator):
                 params_k, state_k = _as_leaves(params_k), _as_leaves(state_k)
             result = run_inner_loop(
                 params_k,
-                objective,
+                problem.inner_objective(episode, w0, frozen),  # fresh: a segment's backward frees its graph
                 optimizer,
                 min(segment, steps - start),
                 opt_state=state_k,
