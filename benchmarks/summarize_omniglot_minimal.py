@@ -65,6 +65,7 @@ def main() -> None:
         "mean ± 95% CI half-width, in %.\n\n" + "\n".join(lines) + "\n"
     )
     print("\n".join(lines))
+    plot(rows, max(steps), RESULTS / "omniglot_minimal.png")
 
     twenty = [r for r in rows if r["setting"] == "20way"]
     if twenty:
@@ -75,6 +76,30 @@ def main() -> None:
         path = CHECKPOINTS / f"{Path(best['run_dir']).name}.pt"
         torch.save(state, path)
         print(f"kept {path} ({path.stat().st_size / 1e6:.2f} MB): {best['command']}")
+
+
+def plot(rows: list[dict], step: int, path: Path) -> None:
+    """Accuracy after `step` inner steps with its 95% interval, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: (r["setting"], r["algorithm"]))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    labels = [f"{r['setting']} {r['algorithm']} ({r['meta_steps']} steps)" for r in rows]
+    means = [100 * r["accuracy"][step][0] for r in rows]
+    errors = [100 * r["accuracy"][step][1] for r in rows]
+    colors = ["tab:blue" if r["setting"] == "5way" else "tab:orange" for r in rows]
+    ax.barh(labels, means, xerr=errors, color=colors, capsize=3)
+    for y, (m, e) in enumerate(zip(means, errors)):
+        ax.text(m + e + 1, y, f"{m:.1f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 105)
+    ax.set_xlabel(f"test accuracy after {step} inner steps (%), 95% CI")
+    ax.set_title("Omniglot minimal sets, held-out alphabets (1-shot)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
