@@ -152,13 +152,14 @@ class EpisodeSystem:
 
     def _unroll_batched(self, state: State, phi: Sequence[Tensor], steps: int) -> tuple[State, Tensor]:
         """All particles in one `vmap`. The carried state is ([P, ...] parameters, the optimizer
-        state's tensors [P, ...]); its non-tensor leaves (e.g. Adam's step count) are the same for
-        every particle and kept aside."""
+        state's tensors [P, ...], a template of the optimizer state with a `_TensorSlot` where each
+        tensor goes); its non-tensor leaves (e.g. Adam's step count) are the same for every
+        particle and stay in the template."""
         from torch.func import vmap
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
         carried = state["particles"] if isinstance(state["particles"], tuple) else None
-        previous: dict[str, Any] = {} if carried is None else carried[2]
+        template = None if carried is None else carried[2]  # the optimizer state with _TensorSlot leaves
         kept: dict[str, Any] = {}
 
         def one(phi_i: list[Tensor], carried_i: Any) -> tuple[Any, list[Tensor], Tensor]:
@@ -167,9 +168,9 @@ class EpisodeSystem:
             if carried_i is None:
                 params, opt_state = w0, None
             else:
-                tensors = iter(carried_i[1])
-                leaves = [next(tensors) if isinstance(v, _TensorSlot) else v for v in previous["leaves"]]
-                params, opt_state = carried_i[0], tree_unflatten(leaves, previous["spec"])
+                tensors, (slots, spec) = iter(carried_i[1]), tree_flatten(template)
+                leaves = [next(tensors) if isinstance(v, _TensorSlot) else v for v in slots]
+                params, opt_state = carried_i[0], tree_unflatten(leaves, spec)
             result = run_inner_loop(
                 params,
                 problem.inner_objective(self.episode, w0, frozen),
@@ -179,13 +180,13 @@ class EpisodeSystem:
                 first_step=state["t"],
                 functional=True,
             )
-            leaves, kept["spec"] = tree_flatten(result.opt_state)
-            kept["leaves"] = [_TensorSlot() if isinstance(v, Tensor) else v for v in leaves]
+            leaves, spec = tree_flatten(result.opt_state)
+            kept["template"] = tree_unflatten([_TensorSlot() if isinstance(v, Tensor) else v for v in leaves], spec)
             return result.params, [v for v in leaves if isinstance(v, Tensor)], self._loss(problem, result, frozen)
 
         inputs = None if carried is None else (carried[0], list(carried[1]))
         params, tensors, loss = vmap(one, in_dims=(0, None if carried is None else 0))(list(phi), inputs)
-        return {"particles": (params, tensors, kept), "t": state["t"] + steps}, loss
+        return {"particles": (params, tensors, kept["template"]), "t": state["t"] + steps}, loss
 
 
 class _TensorSlot:

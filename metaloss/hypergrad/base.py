@@ -59,3 +59,11 @@ class OnlineEstimator(ABC):
     @abstractmethod
     def estimate(self, system: Any, phi: list[Tensor]) -> HypergradOut:
         """Return grads aligned with `phi`, the truncation's mean loss and metrics."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """The persistent state (inner states, particles, counters, noise), for checkpoints."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`: the next estimates equal those of the uninterrupted run."""

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator
+from metaloss.inner.optim import tree_detach
 from metaloss.online import TruncatedSystem, Truncation, check_truncation, truncation_length
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
@@ -156,3 +157,13 @@ class OnlineES(OnlineEstimator):
         self.count += 1
         value = loss.mean().item()
         return HypergradOut(grads=grads, outer_loss=value, metrics={"loss": value, "t": float(self.state["t"])})
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly: the particles' inner state, the
+        perturbations and accumulators, the truncation count and the noise generator."""
+        return {"state": tree_detach(self.state), "eps": self.eps, "xi": self.xi, "count": self.count,
+                "generator": self.generator.get_state()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state, self.eps, self.xi, self.count = state["state"], state["eps"], state["xi"], state["count"]
+        self.generator.set_state(state["generator"])

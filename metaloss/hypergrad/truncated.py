@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from metaloss.hypergrad.base import OnlineEstimator
+from metaloss.inner.optim import tree_detach
 from metaloss.online import TruncatedSystem, Truncation, broadcast, check_truncation, detach_state, truncation_length
 from metaloss.types import HypergradOut
 
@@ -34,3 +35,10 @@ class TruncatedBackprop(OnlineEstimator):
         self.state = detach_state(state)
         value = loss.item()
         return HypergradOut(grads=list(grads), outer_loss=value, metrics={"loss": value, "t": float(state["t"])})
+
+    def state_dict(self) -> dict:
+        """The carried inner state and the truncation count, to resume a run exactly."""
+        return {"state": tree_detach(self.state), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state, self.count = state["state"], state["count"]
