@@ -4,8 +4,9 @@
 # directory under benchmarks/runs/ (not committed) and its log beside it; then
 # `python benchmarks/summarize_omniglot_minimal.py` writes benchmarks/results/omniglot_minimal.{json,md}.
 #
-#   bash benchmarks/omniglot_minimal.sh                       # all 8 runs
+#   bash benchmarks/omniglot_minimal.sh                       # all 8 runs of the 4 x 2 table
 #   bash benchmarks/omniglot_minimal.sh 20way:maml 5way:anil  # a selection
+#   bash benchmarks/omniglot_minimal.sh 20way:anil_5steps 20way:maml_3600steps   # the variants
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=("$@")
@@ -14,9 +15,15 @@ if [ ${#runs[@]} -eq 0 ]; then
 fi
 mkdir -p benchmarks/runs
 run_one() {
-  local setting=${1%%:*} algorithm=${1##*:}
-  local dir="benchmarks/runs/omniglot_minimal_${setting}_${algorithm}"
-  python scripts/meta_train.py "experiment=omniglot_minimal_${setting}" "algorithm=${algorithm}" \
+  local setting=${1%%:*} name=${1##*:}
+  local dir="benchmarks/runs/omniglot_minimal_${setting}_${name}"
+  local extra=()
+  case "$name" in  # variants: an algorithm with other settings
+    anil_5steps) extra=(algorithm=anil problem.inner_steps=5) ;;
+    maml_3600steps) extra=(algorithm=maml train.meta_steps=3600) ;;
+    *) extra=("algorithm=${name}") ;;
+  esac
+  python scripts/meta_train.py "experiment=omniglot_minimal_${setting}" "${extra[@]}" \
     threads=1 progress=false "hydra.run.dir=${dir}" > "${dir}.log" 2>&1
 }
 i=0
