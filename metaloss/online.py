@@ -125,6 +125,21 @@ class EpisodeSystem:
             return torch.stack(result.losses).mean()
         return problem.query_loss({**frozen, **result.params}, self.episode)[0]
 
+    def _advance(self, problem: Any, params: Any, opt_state: Any, w0: Any, frozen: Any, first_step: int, steps: int,
+                 *, functional: bool) -> Any:  # fmt: skip
+        """`steps` inner steps from (params, opt_state): autograd with each step's loss graph kept
+        (the truncation's loss may be differentiated), or `torch.func` gradients (vmap-able)."""
+        return run_inner_loop(
+            params,
+            problem.inner_objective(self.episode, w0, frozen),
+            problem.inner_opt(),
+            steps,
+            opt_state=opt_state,
+            first_step=first_step,
+            keep_loss_graph=not functional,
+            functional=functional,
+        )
+
     def unroll(self, state: State, phi: Sequence[Tensor], steps: int) -> tuple[State, Tensor]:
         if self.batched:
             return self._unroll_batched(state, phi, steps)
@@ -137,15 +152,7 @@ class EpisodeSystem:
             else:  # the state carried from the last truncation is cut from the graph
                 params, opt_state = detach_params(carried[0]), tree_detach(carried[1])
             with torch.enable_grad():  # the inner loop differentiates w even when the caller does not
-                result = run_inner_loop(
-                    params,
-                    problem.inner_objective(self.episode, w0, frozen),
-                    problem.inner_opt(),
-                    steps,
-                    opt_state=opt_state,
-                    first_step=state["t"],
-                    keep_loss_graph=True,
-                )
+                result = self._advance(problem, params, opt_state, w0, frozen, state["t"], steps, functional=False)
             losses.append(self._loss(problem, result, frozen))
             particles.append((result.params, result.opt_state))
         return {"particles": particles, "t": state["t"] + steps}, torch.stack(losses)
@@ -171,15 +178,7 @@ class EpisodeSystem:
                 tensors, (slots, spec) = iter(carried_i[1]), tree_flatten(template)
                 leaves = [next(tensors) if isinstance(v, _TensorSlot) else v for v in slots]
                 params, opt_state = carried_i[0], tree_unflatten(leaves, spec)
-            result = run_inner_loop(
-                params,
-                problem.inner_objective(self.episode, w0, frozen),
-                problem.inner_opt(),
-                steps,
-                opt_state=opt_state,
-                first_step=state["t"],
-                functional=True,
-            )
+            result = self._advance(problem, params, opt_state, w0, frozen, state["t"], steps, functional=True)
             leaves, spec = tree_flatten(result.opt_state)
             kept["template"] = tree_unflatten([_TensorSlot() if isinstance(v, Tensor) else v for v in leaves], spec)
             return result.params, [v for v in leaves if isinstance(v, Tensor)], self._loss(problem, result, frozen)
