@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tasks.base import TaskSampler, sample_episodes
+from metaloss.types import TaskSampler, sample_episodes
 
 
 def train_jointly(

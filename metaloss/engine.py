@@ -1,20 +1,187 @@
-"""sample -> estimate -> outer step -> log, one line per stage; plus meta-test evaluation."""
+"""The one outer loop (sample -> estimate -> outer step -> log -> checkpoint) and meta-test evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from metaloss.checkpoint import CheckpointError, load_meta_state, rng_state, set_rng_state
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import HypergradEstimator
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.problem import BilevelProblem
-from metaloss.types import Episode, HypergradOut, Params
-from tasks.base import TaskSampler, sample_episodes
+from metaloss.types import Episode, HypergradOut, Params, TaskSampler, sample_episodes
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive meta-updates had a non-finite outer loss or meta-gradient."""
+
+
+@dataclass
+class RunState:
+    """The outer loop's counters: meta-steps done (the sampler's position is step * meta_batch and
+    the logger's step is `step`), updates applied and skipped, and the time spent."""
+
+    step: int = 0
+    outer_updates: int = 0
+    skipped_updates: int = 0  # non-finite updates skipped, in all
+    bad_streak: int = 0  # consecutive non-finite updates, now
+    sample_seconds: float = 0.0
+    step_seconds: float = 0.0
+
+
+def finite(out: HypergradOut) -> bool:
+    """Whether the outer loss and every meta-gradient are finite (one device sync)."""
+    if not math.isfinite(float(out.outer_loss)):
+        return False
+    checks = [torch.isfinite(g).all() for g in out.grads if g is not None]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+class MetaTrainer:
+    """The one outer loop, for the episodic and the online regime alike:
+
+        sample meta-batch `step` -> estimator.updates -> (finite? outer step : skip) -> log -> checkpoint
+
+    It owns the run state: phi and the outer optimizer (through `problem` and `outer_opt`), the
+    estimator's state, the counters (`RunState`; the sampler's position is the step, since episode
+    i is a pure function of the sampler's seed and i) and the global RNGs. `state_dict()` holds all
+    of it, so a run restored with `load_state_dict()` continues bitwise as the uninterrupted one
+    (on CPU, deterministic settings). A non-finite outer loss or meta-gradient skips that update
+    (phi and the optimizer state stay as they were); `max_bad_steps` consecutive skips raise
+    `NonFiniteError`."""
+
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        estimator: HypergradEstimator,
+        outer_opt: torch.optim.Optimizer,
+        sampler: TaskSampler | None = None,
+        *,
+        meta_batch: int = 1,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_bad_steps: int = 10,
+    ) -> None:
+        if meta_batch < 1 or max_bad_steps < 1:
+            raise ConfigError(f"need meta_batch >= 1 and max_bad_steps >= 1, got {meta_batch} and {max_bad_steps}")
+        self.problem, self.estimator, self.outer_opt, self.sampler = problem, estimator, outer_opt, sampler
+        self.meta_batch, self.device, self.dtype, self.max_bad_steps = meta_batch, device, dtype, max_bad_steps
+        self.run = RunState()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "meta": self.problem.state_dict(),
+            "outer_opt": self.outer_opt.state_dict(),
+            "estimator": self.estimator.state_dict(),
+            "run": dataclasses.asdict(self.run),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` (e.g. a checkpoint's)."""
+        missing = [k for k in ("meta", "outer_opt", "estimator", "run", "rng") if k not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint cannot resume a run: it lacks {missing} (only phi was saved)")
+        load_meta_state(state, self.problem)
+        self.outer_opt.load_state_dict(state["outer_opt"])
+        self.estimator.load_state_dict(state["estimator"])
+        self.run = RunState(**state["run"])
+        set_rng_state(state["rng"])
+
+    def step(self, episodes: Sequence[Episode]) -> HypergradOut:
+        """One meta-step: phi <- OuterOpt(phi, d L_outer / d phi) for each of the estimator's updates
+        (one, unless it updates per truncation), each skipped when non-finite. Several updates
+        report their mean metrics and their count as `outer_updates`."""
+        outs = []
+        for out in self.estimator.updates(self.problem, episodes):
+            first = self.run.outer_updates + self.run.skipped_updates == 0
+            if first and all(g is None for g in out.grads):
+                raise ConfigError(
+                    f"{type(self.estimator).__name__} gives no meta-parameter a gradient on this problem, so phi would "
+                    "never change (an implicit gradient, or backpropagation truncated after the first inner step, "
+                    "never reaches a learned initialisation: use iMAML's proximal term, a longer truncation, or "
+                    "learned inner hyperparameters)"
+                )
+            if finite(out):
+                for p, g in zip(self.problem.meta_parameters(), out.grads):
+                    p.grad = None if g is None else g.detach()
+                self.outer_opt.step()
+                self.run.outer_updates += 1
+                self.run.bad_streak = 0
+            else:
+                self.run.skipped_updates += 1
+                self.run.bad_streak += 1
+                if self.run.bad_streak >= self.max_bad_steps:
+                    raise NonFiniteError(
+                        f"{self.run.bad_streak} consecutive meta-updates had a non-finite outer loss or meta-gradient "
+                        f"(outer loss {out.outer_loss}, meta-step {self.run.step})"
+                    )
+            outs.append(out)
+        if len(outs) == 1:
+            return outs[0]
+        names = {k for out in outs for k in out.metrics}
+        metrics = {k: sum(float(o.metrics[k]) for o in outs if k in o.metrics) / sum(k in o.metrics for o in outs)
+                   for k in names}  # fmt: skip
+        metrics["outer_updates"] = float(len(outs))
+        return HypergradOut(outs[-1].grads, sum(o.outer_loss for o in outs) / len(outs), metrics)
+
+    def train(
+        self,
+        meta_steps: int,
+        *,
+        logger: TensorBoardLogger | NullLogger | None = None,
+        log_every: int = 10,
+        validate: Callable[[int], dict[str, float]] | None = None,
+        validate_every: int = 0,
+        progress: bool = True,
+        checkpoint: Callable[[MetaTrainer], None] | None = None,
+        checkpoint_every: int = 0,
+    ) -> list[dict[str, float]]:
+        """Run meta-steps `run.step` .. meta_steps - 1: episodes step*B .. step*B+B-1 of the sampler
+        form step `step`'s meta-batch. `checkpoint(self)` is called after every `checkpoint_every`
+        steps (0: never) and after the last. Returns this call's metrics of every step, including
+        the seconds spent sampling the meta-batch and in the meta-step proper."""
+        if meta_steps < 0:
+            raise ConfigError(f"need meta_steps >= 0, got {meta_steps}")
+        if self.sampler is None:
+            raise ConfigError("MetaTrainer.train needs a task sampler")
+        logger = logger or NullLogger()
+        history = []
+        bar = tqdm(range(self.run.step, meta_steps), desc="meta-train", disable=not progress, dynamic_ncols=True,
+                   initial=self.run.step, total=meta_steps)  # fmt: skip
+        for step in bar:
+            started = time.perf_counter()
+            sampled_episodes = sample_episodes(self.sampler, step * self.meta_batch, self.meta_batch)
+            episodes = [e.to(self.device, self.dtype) for e in sampled_episodes]
+            sampled = time.perf_counter()
+            skipped = self.run.skipped_updates
+            out = self.step(episodes)
+            metrics = dict(out.metrics)
+            metrics["seconds/sample"], metrics["seconds/step"] = sampled - started, time.perf_counter() - sampled
+            metrics["skipped_updates"] = float(self.run.skipped_updates - skipped)
+            self.run.step = step + 1
+            self.run.sample_seconds += metrics["seconds/sample"]
+            self.run.step_seconds += metrics["seconds/step"]
+            history.append(metrics)
+            if step % log_every == 0 or step == meta_steps - 1 or metrics["skipped_updates"]:
+                logger.log(step, metrics, prefix="meta_train/")
+                logger.log(step, learning_rates(self.problem, self.outer_opt), prefix="lr/")
+                bar.set_postfix(loss=f"{out.outer_loss:.4f}", skipped=self.run.skipped_updates)
+            if validate is not None and validate_every and (step + 1) % validate_every == 0:
+                logger.log(step, validate(step), prefix="meta_val/")
+            if checkpoint is not None and checkpoint_every and self.run.step % checkpoint_every == 0:
+                checkpoint(self)
+        if checkpoint is not None and not (checkpoint_every and self.run.step % checkpoint_every == 0 and history):
+            checkpoint(self)  # the final state, unless the loop just wrote it
+        return history
 
 
 def meta_step(
@@ -23,22 +190,8 @@ def meta_step(
     outer_opt: torch.optim.Optimizer,
     episodes: Sequence[Episode],
 ) -> HypergradOut:
-    """One meta-step: phi <- OuterOpt(phi, d L_outer / d phi) for each of the estimator's updates
-    (one, unless it updates per truncation). Several updates report their mean metrics and their
-    count as `outer_updates`."""
-    outs = []
-    for out in estimator.updates(problem, episodes):
-        for p, g in zip(problem.meta_parameters(), out.grads):
-            p.grad = None if g is None else g.detach()
-        outer_opt.step()
-        outs.append(out)
-    if len(outs) == 1:
-        return outs[0]
-    names = {k for out in outs for k in out.metrics}
-    metrics = {k: sum(float(o.metrics[k]) for o in outs if k in o.metrics) / sum(k in o.metrics for o in outs)
-               for k in names}  # fmt: skip
-    metrics["outer_updates"] = float(len(outs))
-    return HypergradOut(outs[-1].grads, sum(o.outer_loss for o in outs) / len(outs), metrics)
+    """One meta-step on `episodes` (see `MetaTrainer.step`)."""
+    return MetaTrainer(problem, estimator, outer_opt).step(episodes)
 
 
 def learning_rates(problem: BilevelProblem, outer_opt: torch.optim.Optimizer) -> dict[str, float]:
@@ -65,33 +218,14 @@ def meta_train(
     progress: bool = True,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    max_bad_steps: int = 10,
 ) -> list[dict[str, float]]:
-    """Meta-train for `meta_steps` outer steps on meta-batches of `meta_batch` episodes.
-
-    Episode indices step*B .. step*B+B-1 of `sampler` form step `step`'s meta-batch, so a run
-    is reproducible from the sampler's seed. Returns the metrics of every step, including the
-    seconds spent sampling the meta-batch and in the meta-step proper.
-    """
-    if meta_steps < 0 or meta_batch < 1:
-        raise ConfigError(f"need meta_steps >= 0 and meta_batch >= 1, got {meta_steps} and {meta_batch}")
-    logger = logger or NullLogger()
-    history = []
-    bar = tqdm(range(meta_steps), desc="meta-train", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        started = time.perf_counter()
-        episodes = [e.to(device, dtype) for e in sample_episodes(sampler, step * meta_batch, meta_batch)]
-        sampled = time.perf_counter()
-        out = meta_step(problem, estimator, outer_opt, episodes)
-        metrics = dict(out.metrics)
-        metrics["seconds/sample"], metrics["seconds/step"] = sampled - started, time.perf_counter() - sampled
-        history.append(metrics)
-        if step % log_every == 0 or step == meta_steps - 1:
-            logger.log(step, metrics, prefix="meta_train/")
-            logger.log(step, learning_rates(problem, outer_opt), prefix="lr/")
-            bar.set_postfix(loss=f"{out.outer_loss:.4f}")
-        if validate is not None and validate_every and (step + 1) % validate_every == 0:
-            logger.log(step, validate(step), prefix="meta_val/")
-    return history
+    """Meta-train for `meta_steps` outer steps on meta-batches of `meta_batch` episodes with a fresh
+    `MetaTrainer` (which see); returns the metrics of every step."""
+    trainer = MetaTrainer(problem, estimator, outer_opt, sampler, meta_batch=meta_batch, device=device, dtype=dtype,
+                          max_bad_steps=max_bad_steps)  # fmt: skip
+    return trainer.train(meta_steps, logger=logger, log_every=log_every, validate=validate,
+                         validate_every=validate_every, progress=progress)  # fmt: skip
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:

@@ -9,10 +9,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class TensorBoardLogger:
-    """Writes scalars to `log_dir` (view with `tensorboard --logdir <run dir>`)."""
+    """Writes scalars to `log_dir` (view with `tensorboard --logdir <run dir>`). purge_step: a resumed
+    run's first step; events an interrupted run logged from there on are dropped, not duplicated."""
 
-    def __init__(self, log_dir: str | Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         for name, value in scalars.items():
@@ -25,6 +26,9 @@ class TensorBoardLogger:
 
 class NullLogger:
     """A logger that drops everything (tests, `logger=none`)."""
+
+    def __init__(self, purge_step: int | None = None) -> None:
+        pass
 
     def log(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         pass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -50,3 +50,17 @@ class HypergradOut:
     grads: list[Tensor | None]
     outer_loss: float
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TaskSampler(Protocol):
+    """The task-sampler contract (implemented in `tasks/`): a random-access family of episodes."""
+
+    def episode(self, index: int) -> Episode:
+        """The episode number `index` (deterministic given the sampler's seed)."""
+        ...
+
+
+def sample_episodes(sampler: TaskSampler, start: int, count: int) -> list[Episode]:
+    """Episodes start .. start + count - 1."""
+    return [sampler.episode(i) for i in range(start, start + count)]

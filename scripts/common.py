@@ -4,11 +4,15 @@ from a composed config, one-line errors, and the final metrics line. Hydra stays
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import itertools
 import json
-import os
+import math
+import secrets
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metaloss.checkpoint import CheckpointError, atomic_write, read_checkpoint
 from metaloss.errors import ConfigError
 from metaloss.functional import apply_batchnorm_policy
 from metaloss.hypergrad.base import HypergradEstimator
@@ -29,6 +34,9 @@ from tasks.base import TaskSplits
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+RUN_ID = secrets.token_hex(3)  # one per process: two runs started in the same second get different directories
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", lambda: RUN_ID)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -39,14 +47,59 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
     """Reject `group=option` arguments naming an option that has no config file, before Hydra
-    composes anything (Hydra's own message spans several lines)."""
+    composes anything (Hydra's own message spans several lines). A sweep (`-m group=a,b`) is
+    checked option by option."""
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
         group_dir = config_dir / key
-        if sep and group_dir.is_dir() and "." not in key and not (group_dir / f"{value}.yaml").is_file():
-            options = sorted(p.stem for p in group_dir.glob("*.yaml"))
-            fail(f"unknown {key} {value!r}; available: {', '.join(options)}")
+        if not sep or not group_dir.is_dir() or "." in key:
+            continue
+        for option in value.split(",") if _multirun(argv) else [value]:
+            if not (group_dir / f"{option}.yaml").is_file():
+                options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+                fail(f"unknown {key} {option!r}; available: {', '.join(options)}")
+
+
+def _multirun(argv: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
+
+
+def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig], Any], max_jobs: int = 64) -> None:
+    """Compose the config of every job that `argv` asks for (each combination of a sweep's values,
+    up to `max_jobs`) and validate it, before Hydra starts: an unknown key, a wrong type or an
+    out-of-range value is one line on stderr and exit 2, and no run directory is touched."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    check_group_choices(argv)
+    args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # --help, --cfg, --info, ...: Hydra's own business
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except HydraException as err:
+        fail(f"cannot parse the overrides: {str(err).strip().splitlines()[0]}")
+    choices = []
+    for override, line in zip(overrides, args):
+        if override.is_sweep_override() and _multirun(argv):
+            head = line.split("=", 1)[0]
+            choices.append([f"{head}={v}" for v in override.sweep_string_iterator()])
+        else:
+            choices.append([line])
+    jobs = list(itertools.islice(itertools.product(*choices), max_jobs))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for job in jobs:
+            try:
+                cfg = compose(config_name, overrides=list(job))
+            except (HydraException, OmegaConfBaseException) as err:
+                lines = [x.strip() for x in str(err).strip().splitlines() if x.strip() and "full_key" not in x]
+                fail(f"config: {' '.join(lines[:3])}")
+            with config_errors():
+                validate(cfg)
+    GlobalHydra.instance().clear()
 
 
 @contextlib.contextmanager
@@ -57,11 +110,15 @@ def config_errors() -> Iterator[None]:
         yield
     except ConfigError as err:
         fail(str(err))
-    except HydraException as err:
+    except HydraException as err:  # instantiate() wraps what a target raised
         cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, ConfigError):
+        while isinstance(cause, HydraException):
             cause = cause.__cause__ or cause.__context__
-        fail(str(cause) if cause is not None else str(err).splitlines()[0])
+        if isinstance(cause, ConfigError):
+            fail(str(cause))
+        if cause is not None:  # a bug inside a target: its own traceback, not "Error in call to target"
+            raise cause from None
+        fail(str(err).splitlines()[0])
     except OmegaConfBaseException as err:  # e.g. an interpolation naming a key this task lacks
         fail(f"config: {str(err).splitlines()[0]}")
 
@@ -124,16 +181,129 @@ def build(cfg: DictConfig) -> Built:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n"))
 
 
-def finish(run_dir: Path, metrics: dict[str, Any]) -> None:
-    """Write metrics.json in the run directory and print the same object as the last stdout line."""
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    print(json.dumps(metrics), flush=True)
+def strict_json(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` with every non-finite number as null and, when there was one, `non_finite` naming
+    those keys: strict JSON parsers reject NaN and Infinity."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return metrics
+    return {**{k: None if k in bad else v for k, v in metrics.items()}, "non_finite": bad}
+
+
+def finish(run_dir: Path, metrics: dict[str, Any], name: str = "metrics.json") -> None:
+    """Write the metrics (strict JSON) as `name` in the run directory and print the same object as the
+    last stdout line."""
+    metrics = strict_json(metrics)
+    write_json_atomic(run_dir / name, metrics)
+    print(json.dumps(metrics, allow_nan=False), flush=True)
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+IGNORED_KEYS = ("resume", "overwrite", "progress", "threads", "train.checkpoint_every", "logger.")
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two resolved configs, except those that do not
+    change a run's result (progress bars, threads, where the logger writes, resume settings)."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out or {prefix[:-1]: {}}
+        return {prefix[:-1]: d}
+
+    a, b = flat(saved), flat(current)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    return [k for k in keys if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in IGNORED_KEYS)]
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.json", "tensorboard", ".hydra")
+
+
+def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: str | None, overwrite: bool) -> dict | None:
+    """Decide what a meta-training run does with its directory, before writing anything there.
+    Returns the checkpoint to resume from, or None for a fresh start:
+    - resume=PATH (a checkpoint or a run directory): continue that run here; its config must match;
+    - a directory holding a finished run (metrics.json): refused unless overwrite=true;
+    - a directory holding an unfinished run (checkpoint.pt) of the same config: resumed
+      automatically; of another config: refused, naming the keys that differ;
+    - overwrite=true: the old run's files are removed first."""
+    finished, existing = (run_dir / "metrics.json").is_file(), (run_dir / "checkpoint.pt").is_file()
+    if resume is not None:
+        state = read_checkpoint(resume)
+        _same_config(state, config, resume)
+        source = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        if source.resolve() != run_dir.resolve() and (finished or existing) and not overwrite:
+            raise ConfigError(f"run directory {run_dir} already holds another run; resume into a new directory "
+                              "or set overwrite=true")  # fmt: skip
+        return state
+    if overwrite:
+        for name in RUN_FILES:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        return None
+    if finished:
+        raise ConfigError(f"run directory {run_dir} holds a finished run (metrics.json): choose another "
+                          "hydra.run.dir, or set overwrite=true to replace it")  # fmt: skip
+    if existing:
+        state = read_checkpoint(run_dir / "checkpoint.pt")
+        _same_config(state, config, str(run_dir))
+        return state
+    return None
+
+
+def _same_config(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    if "config" not in state:
+        raise CheckpointError(f"{where}: the checkpoint has no config, so it cannot be resumed")
+    differ = config_diff(state["config"], config)
+    if differ:
+        shown = ", ".join(f"{k} ({_get(state['config'], k)!r} -> {_get(config, k)!r})" for k in differ[:6])
+        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+        raise ConfigError(f"{where} holds an unfinished run of another config: {shown}{more}; "
+                          "use another hydra.run.dir, or overwrite=true")  # fmt: skip
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return "<absent>"
+        d = d[part]
+    return d
+
+
+FAILED_JOBS: list[int] = []
+
+
+def one_job(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """In a sweep (-m), a job that stops with an error is recorded in FAILED_JOBS and the sweep goes
+    on with the next job; the script exits with the worst code after the sweep (`exit_after_sweep`)."""
+
+    @functools.wraps(task)  # Hydra finds the config directory from the task's module
+    def wrapper(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        try:
+            task(cfg)
+        except SystemExit as err:
+            if err.code in (0, None) or HydraConfig.get().mode != RunMode.MULTIRUN:
+                raise
+            FAILED_JOBS.append(int(err.code) if isinstance(err.code, int) else 1)
+
+    return wrapper
+
+
+def exit_after_sweep() -> None:
+    if FAILED_JOBS:
+        fail(f"{len(FAILED_JOBS)} job(s) of the sweep failed (see their error lines above)", max(FAILED_JOBS))

@@ -5,11 +5,13 @@ interval over fixed episodes, and the error rate in percent for classification t
     python scripts/meta_test.py checkpoint=ckpt.pt task=omniglot_lake task.root=DIR test.steps=[10]
 
 The episodes are fixed by the task's seed, so two evaluations of one checkpoint see the same tasks.
-The last stdout line is the metrics JSON, also written to metrics.json in the run directory.
+The last stdout line is the metrics JSON, also written to metrics.json in the run directory (meta_test.json
+when the run directory is a training run's, whose files are never replaced).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,39 +24,58 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_problem, check_group_choices, config_errors, dtype_of, finish  # noqa: E402
+from common import (  # noqa: E402
+    build_problem,
+    config_errors,
+    dtype_of,
+    exit_after_sweep,
+    finish,
+    one_job,
+    precheck,
+)
+from settings import validate_meta_test  # noqa: E402
 
-from metaloss.checkpoint import load_checkpoint  # noqa: E402
+from metaloss.checkpoint import load_meta_state, read_checkpoint  # noqa: E402
 from metaloss.engine import evaluate  # noqa: E402
 from metaloss.errors import ConfigError  # noqa: E402
 
 
-def read_checkpoint(path: str) -> dict:
-    if not Path(path).is_file():
-        raise ConfigError(f"checkpoint not found: {Path(path).resolve()} (set checkpoint=PATH)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: torch raises several types
-        raise ConfigError(f"{path} is not a readable checkpoint: {str(err).splitlines()[0]}") from None
-    if not isinstance(state, dict) or "meta" not in state or "config" not in state:
-        raise ConfigError(f"{path} is not a meta_train.py checkpoint (no 'meta' and 'config' entries)")
-    return state
+def results_name(run_dir: Path) -> str:
+    """metrics.json in meta_test.py's own directory; meta_test.json in a training run's directory
+    (one with checkpoint.pt, or a metrics.json that counts meta-steps), whose files are never replaced."""
+    training_metrics = run_dir / "metrics.json"
+    if (run_dir / "checkpoint.pt").exists():
+        return "meta_test.json"
+    if training_metrics.is_file():
+        try:
+            if "meta_steps" in json.loads(training_metrics.read_text()):
+                return "meta_test.json"
+        except (ValueError, OSError):
+            return "meta_test.json"  # not ours to replace either
+    return "metrics.json"
 
 
 @hydra.main(config_path="../configs", config_name="meta_test", version_base="1.3")
+@one_job
 def main(cfg: DictConfig) -> None:
     started = time.time()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
     with config_errors():
+        settings = validate_meta_test(cfg)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    with config_errors():
+        if not Path(cfg.checkpoint).is_file():
+            raise ConfigError(f"checkpoint not found: {Path(cfg.checkpoint).resolve()} (set checkpoint=PATH)")
         state = read_checkpoint(cfg.checkpoint)
+        if "config" not in state:
+            raise ConfigError(f"{cfg.checkpoint} is not a meta_train.py checkpoint (no 'config' entry)")
         trained = OmegaConf.create(state["config"])
         task_node = cfg.task if cfg.get("task") is not None else trained.task
         task_name = HydraConfig.get().runtime.choices.get("task") or state.get("choices", {}).get("task")
         splits = instantiate(task_node)
         problem = build_problem(trained, instantiate(trained.model), splits)
-        load_checkpoint(cfg.checkpoint, problem)
+        load_meta_state(state, problem, str(cfg.checkpoint))
         steps = list(cfg.test.steps if cfg.test.steps is not None else trained.test.steps)
         sampler = splits.test
         num_tasks = min(cfg.test.num_tasks, len(sampler)) if hasattr(sampler, "__len__") else cfg.test.num_tasks
@@ -79,9 +100,10 @@ def main(cfg: DictConfig) -> None:
             metrics[f"error_percent_step{t}"] = 100.0 * (1.0 - result[f"accuracy_step{t}"])
             metrics[f"error_percent_step{t}_ci95"] = 100.0 * result[f"accuracy_step{t}_ci95"]
     metrics["total_seconds"] = round(time.time() - started, 2)
-    finish(run_dir, metrics)
+    finish(run_dir, metrics, results_name(run_dir))
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:])
+    precheck(sys.argv[1:], "meta_test", validate_meta_test)
     main()
+    exit_after_sweep()

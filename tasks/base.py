@@ -10,23 +10,15 @@ order and any process split.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from metaloss.types import Episode
+from metaloss.types import Episode, TaskSampler, sample_episodes
 
 __all__ = ["Episode", "TaskSampler", "TaskSplits", "episode_generator", "sample_episodes"]
 
 SPLITS = ("train", "val", "test")
-
-
-@runtime_checkable
-class TaskSampler(Protocol):
-    def episode(self, index: int) -> Episode:
-        """The episode number `index` (deterministic given the sampler's seed)."""
-        ...
 
 
 def episode_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
@@ -34,11 +26,6 @@ def episode_generator(seed: int, index: int, stream: int = 0) -> torch.Generator
     `stream` separates samplers that share a seed (train / val / test)."""
     state = np.random.SeedSequence([seed, stream, index]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def sample_episodes(sampler: TaskSampler, start: int, count: int) -> list[Episode]:
-    """Episodes start .. start + count - 1."""
-    return [sampler.episode(i) for i in range(start, start + count)]
 
 
 @dataclass

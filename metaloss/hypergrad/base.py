@@ -28,6 +28,16 @@ class HypergradEstimator(ABC):
         truncation. By default a meta-step is one update, `estimate`."""
         yield self.estimate(problem, episodes)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs for its next estimates to equal the uninterrupted run's (e.g. the
+        call counter that seeds ES noise): tensors and plain values only. Empty for a stateless one."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`."""
+        if state:
+            raise ConfigError(f"{type(self).__name__} is stateless but was given estimator state {sorted(state)}")
+
 
 TaskEstimate = Callable[[BilevelProblem, Episode, list[Tensor], float], tuple[Sequence[Tensor | None], dict[str, Any]]]
 

@@ -100,6 +100,12 @@ class AntitheticES(HypergradEstimator):
         spread = float((plus - minus).abs().mean())
         return HypergradOut(grads=grads, outer_loss=value, metrics={"loss": value, "es_abs_difference": spread})
 
+    def state_dict(self) -> dict[str, int]:
+        return {"calls": self.calls}  # the noise of call c is drawn from (seed, c)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.calls = int(state["calls"])
+
 
 class OnlineES(OnlineEstimator):
     """Online ES with persistent particles, in the general noise-reuse form (Li et al. 2023; ES-Single,

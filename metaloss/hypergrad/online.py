@@ -70,6 +70,14 @@ class EpisodicOnline(HypergradEstimator):
         self.batched = batched
         self.calls = self.tasks = 0
 
+    def state_dict(self) -> dict[str, int]:
+        """The call counter that seeds each meta-step's noise. The online estimators of a meta-step live
+        only inside it, so between meta-steps (where checkpoints are taken) this is all the state."""
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.calls = int(state["calls"])
+
     def _new_estimator(self) -> OnlineEstimator:
         self.tasks += 1
         return self.make(self.seed * 1_000_003 + self.calls * 10_007 + self.tasks)

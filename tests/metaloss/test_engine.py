@@ -9,7 +9,7 @@ import torch
 
 from metaloss.baselines import train_jointly
 from metaloss.checkpoint import load_checkpoint, save_checkpoint
-from metaloss.engine import evaluate, mean_ci95, meta_step, meta_train
+from metaloss.engine import MetaTrainer, evaluate, mean_ci95, meta_step, meta_train
 from metaloss.hypergrad import Unrolled
 from metaloss.losses import mse
 from metaloss.meta import HyperparameterOptimizer, LearnedInit
@@ -54,13 +54,14 @@ def test_evaluate_is_deterministic_and_reports_each_step() -> None:
 def test_checkpoint_round_trip(tmp_path) -> None:
     problem = sinusoid_problem()
     outer = torch.optim.Adam(problem.meta_parameters(), lr=1e-3)
-    meta_train(problem, Unrolled(), outer, SinusoidSampler(), meta_steps=2, meta_batch=2, progress=False)
-    path = save_checkpoint(tmp_path / "ckpt.pt", problem, outer, step=2)
-    assert not (tmp_path / "ckpt.pt.tmp").exists()
+    trainer = MetaTrainer(problem, Unrolled(), outer, SinusoidSampler(), meta_batch=2)
+    trainer.train(2, progress=False)
+    path = save_checkpoint(tmp_path / "ckpt.pt", trainer.state_dict())
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
     restored = sinusoid_problem(seed=1)
     restored_outer = torch.optim.Adam(restored.meta_parameters(), lr=1e-3)
     state = load_checkpoint(path, restored, restored_outer)
-    assert state["step"] == 2
+    assert state["run"]["step"] == 2 and state["version"] == 2
     for a, b in zip(problem.meta_parameters(), restored.meta_parameters()):
         assert torch.equal(a, b)
     assert restored_outer.state_dict()["state"][0]["step"] == 2

@@ -17,7 +17,8 @@ ALGORITHMS = {
     "fomaml": ["algorithm=fomaml"],
     "anil": ["algorithm=anil"],
     "metasgd": ["algorithm=metasgd"],
-    "truncated": ["hypergrad=truncated", "problem.inner_steps=2"],
+    # K = 1 of T = 2: the gradient reaches the learned inner lr, not the initialisation
+    "truncated": ["hypergrad=truncated", "problem.inner_steps=2", "inner_opt.learn=[lr]"],
     "imaml": ["algorithm=imaml", "problem.inner_steps=3"],
     "es_single_online": ["hypergrad=es_single", "hypergrad.update=truncation", "problem.inner_steps=2"],
 }
@@ -82,8 +83,8 @@ def test_default_run_writes_metrics_events_and_checkpoint(runs):
     events = sorted((run.dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
 
-    checkpoint = torch.load(run.dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert checkpoint["step"] == 3
+    checkpoint = torch.load(run.dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["run"]["step"] == 3 and checkpoint["version"] == 2
     assert "init" in checkpoint["meta"] and "outer_opt" in checkpoint
     assert checkpoint["config"]["train"]["meta_steps"] == 3
 
@@ -124,8 +125,8 @@ def test_each_algorithm_runs(runs, name):
     assert all(math.isfinite(metrics[f"meta/loss_step{t}"]) for t in (0, 1, 10))
     assert (run.dir / "checkpoint.pt").is_file()
     assert any(key.startswith("pretrained/") for key in metrics) == (name == "maml")  # baseline.enabled=false
-    checkpoint = torch.load(run.dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert ("inner_opt" in checkpoint["meta"]) == (name == "metasgd")  # Meta-SGD's learned rates are phi
+    checkpoint = torch.load(run.dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ("inner_opt" in checkpoint["meta"]) == (name in ("metasgd", "truncated"))  # learned inner rates are phi
 
 
 def test_same_seed_gives_identical_metrics(runs):
@@ -133,8 +134,8 @@ def test_same_seed_gives_identical_metrics(runs):
     assert a.returncode == b.returncode == 0, a.explain() + b.explain()
     ma, mb = ({k: v for k, v in run.metrics().items() if k not in TIMING_KEYS} for run in (a, b))
     assert ma == mb
-    ca = torch.load(a.dir / "checkpoint.pt", map_location="cpu", weights_only=False)["meta"]["init"]
-    cb = torch.load(b.dir / "checkpoint.pt", map_location="cpu", weights_only=False)["meta"]["init"]
+    ca = torch.load(a.dir / "checkpoint.pt", map_location="cpu", weights_only=True)["meta"]["init"]
+    cb = torch.load(b.dir / "checkpoint.pt", map_location="cpu", weights_only=True)["meta"]["init"]
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
 
 
