@@ -57,6 +57,7 @@ class BilevelProblem:
     reuse_features: bool = True
 
     def __post_init__(self) -> None:
+        self._follow_model_dtype()
         if self.meta_objective not in META_OBJECTIVES:
             raise ConfigError(f"unknown meta_objective {self.meta_objective!r}; expected one of {META_OBJECTIVES}")
         if self.inner_batch_size is not None and self.inner_batch_size < 1:
@@ -68,6 +69,18 @@ class BilevelProblem:
             self.adapt = tuple(self.adapt)
             if not self.adapt or not any(self._adapted(n) for n in names):
                 raise ConfigError(f"adapt={list(self.adapt)} matches no parameter of the model; names are {names}")
+
+    def _follow_model_dtype(self) -> None:
+        """Meta-modules hold their floating-point parameters in the model's dtype: a learned scalar made
+        with `torch.tensor(0.1)` is float32, and in a float64 problem it would give float32
+        hypergradients. Cast in place, so the Parameter objects (and any optimizer over them) stay."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if dtype is None:
+            return
+        for module in (self.init, self.inner_opt, self.inner_loss, self.inner_regularizer):
+            if isinstance(module, nn.Module) and any(p.is_floating_point() and p.dtype != dtype
+                                                     for p in module.parameters()):  # fmt: skip
+                module.to(dtype)
 
     def _adapted(self, name: str) -> bool:
         return self.adapt is None or any(name == p or name.startswith(p + ".") for p in self.adapt)

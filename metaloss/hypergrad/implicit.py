@@ -54,7 +54,7 @@ class Implicit(HypergradEstimator):
 
     def _task(
         self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float
-    ) -> tuple[list[Tensor], dict[str, Tensor | float]]:
+    ) -> tuple[list[Tensor | None], dict[str, Tensor | float]]:
         """scale * d L_out / d phi for one episode, and its metrics."""
         solved, inner = problem.adapt_to(episode, second_order=False, differentiable_steps=0)
         w0, frozen = problem.initial_params()  # phi-dependent: the graph of the mixed term
@@ -75,8 +75,9 @@ class Implicit(HypergradEstimator):
             v, used = neumann_series(hvp, dl_dw, self.iterations, self.alpha)
         metrics["solver_residual"] = relative_residual(hvp, v, dl_dw) if any(x.any() for x in dl_dw) else 0.0
         mixed = torch.autograd.grad(inner_grad, phi, grad_outputs=v, allow_unused=True)
-        grads = [
-            (torch.zeros_like(p) if d is None else d) - (0 if m is None else m) for p, d, m in zip(phi, direct, mixed)
+        grads = [  # None where phi reaches neither term (no implicit gradient at all)
+            None if d is None and m is None else (torch.zeros_like(p) if d is None else d) - (0 if m is None else m)
+            for p, d, m in zip(phi, direct, mixed)
         ]
         metrics["solver_iterations"] = used
         metrics["inner_loss_last"] = inner.losses[-1].detach() if inner.losses else float("nan")
