@@ -19,6 +19,7 @@ Version-1 checkpoints (no `format` key: phi, step, config) still load for evalua
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import random
@@ -51,9 +52,11 @@ def atomic_write(path: str | Path, write: Any) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # "File too large" alone does not say which file
         raise
     with contextlib.suppress(OSError):  # the rename itself reaches the disk
         fd = os.open(path.parent, os.O_RDONLY)
@@ -88,8 +91,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` (tensors, numbers, strings and containers of them) atomically as a version-2 checkpoint."""
-    return atomic_write(path, lambda tmp: torch.save({"format": FORMAT, "version": VERSION, **state}, tmp))
+    """Write `state` (tensors, numbers, strings and containers of them) atomically as a version-2
+    checkpoint. It is serialised in memory first, so a full disk is a plain OSError from the write."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -61,6 +61,23 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
                 fail(f"unknown {key} {option!r}; available: {', '.join(options)}")
 
 
+def check_writable(argv: list[str]) -> None:
+    """The run (or sweep) directory, or the folder the default ones go under, must take a file:
+    a read-only or full file system is one line and exit 4 here, not a traceback from Hydra."""
+    key = "hydra.sweep.dir" if _multirun(argv) else "hydra.run.dir"
+    chosen = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(key + "=")]
+    target = Path(chosen[-1]) if chosen else Path("multirun" if _multirun(argv) else "outputs")
+    if "${" in str(target):
+        return  # interpolated: Hydra resolves it
+    probe = target / f".metaloss-write-probe-{RUN_ID}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        fail(f"cannot write to the run directory {target}: {err.strerror or err}", code=4)
+
+
 def _multirun(argv: list[str]) -> bool:
     return any(a in ("-m", "--multirun") for a in argv)
 
@@ -100,6 +117,7 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
             with config_errors():
                 validate(cfg)
     GlobalHydra.instance().clear()
+    check_writable(argv)
 
 
 @contextlib.contextmanager
@@ -121,6 +139,18 @@ def config_errors() -> Iterator[None]:
         fail(str(err).splitlines()[0])
     except OmegaConfBaseException as err:  # e.g. an interpolation naming a key this task lacks
         fail(f"config: {str(err).splitlines()[0]}")
+
+
+@contextlib.contextmanager
+def output_errors(run_dir: Path) -> Iterator[None]:
+    """A run directory that cannot be written (read-only, disk full, file too large) is one line on
+    stderr and exit 4; the files written before (the last checkpoint) stay as they were."""
+    try:
+        yield
+    except OSError as err:
+        where = err.filename or run_dir
+        kept = "; the last checkpoint written is kept" if (run_dir / "checkpoint.pt").is_file() else ""
+        fail(f"cannot write to the run directory: {where}: {err.strerror or err}{kept}", code=4)
 
 
 def dtype_of(cfg: DictConfig) -> torch.dtype:
@@ -236,6 +266,8 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: str | None, o
     - a directory holding an unfinished run (checkpoint.pt) of the same config: resumed
       automatically; of another config: refused, naming the keys that differ;
     - overwrite=true: the old run's files are removed first."""
+    for stale in run_dir.glob(".*.tmp"):  # a write that a SIGKILL interrupted
+        stale.unlink()
     finished, existing = (run_dir / "metrics.json").is_file(), (run_dir / "checkpoint.pt").is_file()
     if resume is not None:
         state = read_checkpoint(resume)

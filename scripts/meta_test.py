@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     exit_after_sweep,
     finish,
     one_job,
+    output_errors,
     precheck,
 )
 from settings import validate_meta_test  # noqa: E402
@@ -100,7 +101,8 @@ def main(cfg: DictConfig) -> None:
             metrics[f"error_percent_step{t}"] = 100.0 * (1.0 - result[f"accuracy_step{t}"])
             metrics[f"error_percent_step{t}_ci95"] = 100.0 * result[f"accuracy_step{t}_ci95"]
     metrics["total_seconds"] = round(time.time() - started, 2)
-    finish(run_dir, metrics, results_name(run_dir))
+    with output_errors(run_dir):
+        finish(run_dir, metrics, results_name(run_dir))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     fail,
     finish,
     one_job,
+    output_errors,
     precheck,
     prepare_run_dir,
     resolved,
@@ -77,16 +78,18 @@ def main(cfg: DictConfig) -> None:
         if resume_from is not None:
             trainer.load_state_dict(resume_from)
             print(f"resuming at meta-step {trainer.run.step} of {settings.train.meta_steps}", file=sys.stderr)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, cfg)
-        logger = instantiate(cfg.logger, purge_step=trainer.run.step if resume_from is not None else None)
+        with output_errors(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(run_dir, cfg)
+            logger = instantiate(cfg.logger, purge_step=trainer.run.step if resume_from is not None else None)
     problem, splits = built.problem, built.splits
     device, steps = settings.device, list(settings.test.steps)
     checkpoint_path = run_dir / "checkpoint.pt"
 
     def save(trainer: MetaTrainer) -> None:
         if settings.checkpoint:
-            save_checkpoint(checkpoint_path, {**trainer.state_dict(), "config": config, "choices": group_choices})
+            with output_errors(run_dir):
+                save_checkpoint(checkpoint_path, {**trainer.state_dict(), "config": config, "choices": group_choices})
 
     def validate(step: int) -> dict[str, float]:
         return evaluate(problem, splits.val, settings.train.val_tasks, [settings.problem.inner_steps], device=device,
@@ -150,7 +153,8 @@ def main(cfg: DictConfig) -> None:
         logger.log(settings.train.meta_steps, base, prefix="pretrained_test/")
     logger.close()
     metrics["total_seconds"] = round(time.time() - started, 2)
-    finish(run_dir, metrics)
+    with output_errors(run_dir):
+        finish(run_dir, metrics)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ which raise `ConfigError`; their value types are checked here against the target
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import importlib
 import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -188,38 +190,53 @@ def check_target_types(node: DictConfig, group: str) -> None:
         return
     hints = _hints(target)
     for key in node:
-        if key.startswith("_") or key not in hints:
+        hint = hints.get(key, hints.get("*"))
+        if key.startswith("_") or hint is None:
             continue
         try:
             value = node[key]
         except OmegaConfBaseException:  # an interpolation resolved only at run time (e.g. ${hydra:...})
             continue
-        allowed = _simple_types(hints[key])
+        allowed = _simple_types(hint)
         if allowed is None or value is None or isinstance(value, (DictConfig, ListConfig)):
             continue
         if not any(_matches(value, t) for t in allowed):
-            wanted = " or ".join(SIMPLE[t] for t in allowed)
+            wanted = " or ".join(SIMPLE[t] for t in allowed) or "a list"
             raise ConfigError(f"{group}.{key} must be {wanted}, got {value!r}")
 
 
 def _hints(target: str) -> dict[str, Any]:
+    """The target's parameter annotations; keys that only a `**kwargs: T` takes map to T (as "*")."""
     module_name, _, name = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(module_name), name)
         fn = obj.__init__ if inspect.isclass(obj) else obj
-        return typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn)
+        for param in inspect.signature(fn).parameters.values():
+            if param.kind is inspect.Parameter.VAR_KEYWORD and param.name in hints:
+                hints["*"] = hints.pop(param.name)
+        return hints
     except Exception:  # an unresolvable annotation is not the user's error: leave it to the constructor
         return {}
 
 
 def _simple_types(hint: Any) -> tuple[type, ...] | None:
-    """The simple types a hint admits, or None when it admits anything else too (lists, tensors, ...)."""
+    """The scalar types a config value may have for this hint: () when it takes only a list (a
+    sequence), None when unknown (anything goes). A YAML value is never a tensor, so a Union's
+    non-scalar members (Tensor, Sequence[...]) leave its scalar members."""
     if hint in SIMPLE:
         return (hint,)
-    if typing.get_origin(hint) in (Union, getattr(__import__("types"), "UnionType", Union)):
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return ()
+    if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if args and all(a in SIMPLE for a in args):
-            return tuple(args)
+        scalars = tuple(a for a in args if a in SIMPLE)
+        rest = [_simple_types(a) if typing.get_origin(a) else ((), None)[a is Any or not inspect.isclass(a)]
+                for a in args if a not in SIMPLE]  # fmt: skip
+        if any(r is None or r != () for r in rest):
+            return None  # Any, a callable, a literal, ...: leave it to the target
+        return scalars
     return None
 
 

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from metaloss.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from metaloss.checkpoint import CheckpointError, atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
 from metaloss.engine import MetaTrainer, NonFiniteError
 from metaloss.errors import ConfigError
 from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnline, Implicit, Unrolled
@@ -141,18 +141,15 @@ def test_a_checkpoint_of_another_model_is_one_line_naming_the_mismatch(tmp_path)
         read_checkpoint(tmp_path / "truncated.pt")
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path):
     path = save_checkpoint(tmp_path / "checkpoint.pt", {"meta": {"init": {"w": torch.ones(2)}}})
 
-    def broken_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"half a checkpoint")
+    def disk_full(tmp):
+        tmp.write_bytes(b"half a checkpoint")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(path, {"meta": {"init": {"w": torch.zeros(2)}}})
-    monkeypatch.undo()
+        atomic_write(path, disk_full)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert torch.equal(read_checkpoint(path)["meta"]["init"]["w"], torch.ones(2))
 
@@ -162,17 +159,19 @@ def test_sigkill_during_the_checkpoint_write_leaves_the_previous_checkpoint_load
     script = textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {REPO_ROOT!r})
-        from metaloss.checkpoint import save_checkpoint
-        save_checkpoint({str(tmp_path / "checkpoint.pt")!r}, {{"meta": {{"init": {{"w": torch.ones(3)}}}}}})
-        real_save = torch.save
-        def slow_save(obj, f, *args, **kwargs):
-            with open(f, "wb") as handle:
-                handle.write(b"partial")
+        from pathlib import Path
+        import metaloss.checkpoint as c
+        path = Path({str(tmp_path / "checkpoint.pt")!r})
+        c.save_checkpoint(path, {{"meta": {{"init": {{"w": torch.ones(3)}}}}}})
+        real_write_bytes = Path.write_bytes
+        def slow_write_bytes(self, data):
+            with open(self, "wb") as handle:
+                handle.write(bytes(data)[: len(data) // 2])
                 handle.flush()
             print("writing", flush=True)
             time.sleep(60)
-        torch.save = slow_save
-        save_checkpoint({str(tmp_path / "checkpoint.pt")!r}, {{"meta": {{"init": {{"w": torch.zeros(3)}}}}}})
+        Path.write_bytes = slow_write_bytes
+        c.save_checkpoint(path, {{"meta": {{"init": {{"w": torch.zeros(3)}}}}}})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"  # killed mid-write
