@@ -84,6 +84,14 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(f"test.num_tasks must be >= 1 and test.steps >= 0, got {num_tasks}, {steps}")
         dtype = dtype_of(trained)
         first = sampler.episode(0).to(trained.device, dtype)
+        try:
+            with torch.no_grad():
+                problem.predict(problem.init(), first.support_x[:1])
+        except RuntimeError as err:  # e.g. a sinusoid MLP given 28 x 28 images
+            raise ConfigError(
+                f"the checkpoint's model ({state.get('choices', {}).get('model', '?')}) cannot take this task's inputs "
+                f"of shape {list(first.support_x.shape[1:])}: {str(err).strip().splitlines()[0][:160]}"
+            ) from None
         if splits.metric == "accuracy":
             with torch.no_grad():
                 outputs = problem.predict(problem.init(), first.support_x[:1]).shape[-1]
