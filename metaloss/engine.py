@@ -144,22 +144,23 @@ class MetaTrainer:
         progress: bool = True,
         checkpoint: Callable[[MetaTrainer], None] | None = None,
         checkpoint_every: int = 0,
+        after_step: Callable[[MetaTrainer], None] | None = None,
     ) -> list[dict[str, float]]:
         """Run meta-steps `run.step` .. meta_steps - 1: episodes step*B .. step*B+B-1 of the sampler
-        form step `step`'s meta-batch. `checkpoint(self)` is called after every `checkpoint_every`
-        steps (0: never) and after the last. Returns this call's metrics of every step, including
+        form step `step`'s meta-batch (no sampler: an online system's estimator needs no episodes).
+        `after_step(self)` is called after every step; `checkpoint(self)` after every
+        `checkpoint_every` steps (0: never) and after the last. Returns this call's metrics of every step, including
         the seconds spent sampling the meta-batch and in the meta-step proper."""
         if meta_steps < 0:
             raise ConfigError(f"need meta_steps >= 0, got {meta_steps}")
-        if self.sampler is None:
-            raise ConfigError("MetaTrainer.train needs a task sampler")
         logger = logger or NullLogger()
         history = []
         bar = tqdm(range(self.run.step, meta_steps), desc="meta-train", disable=not progress, dynamic_ncols=True,
                    initial=self.run.step, total=meta_steps)  # fmt: skip
         for step in bar:
             started = time.perf_counter()
-            sampled_episodes = sample_episodes(self.sampler, step * self.meta_batch, self.meta_batch)
+            sampled_episodes = [] if self.sampler is None else sample_episodes(self.sampler, step * self.meta_batch,
+                                                                               self.meta_batch)  # fmt: skip
             episodes = [e.to(self.device, self.dtype) for e in sampled_episodes]
             sampled = time.perf_counter()
             skipped = self.run.skipped_updates
@@ -175,6 +176,8 @@ class MetaTrainer:
                 logger.log(step, metrics, prefix="meta_train/")
                 logger.log(step, learning_rates(self.problem, self.outer_opt), prefix="lr/")
                 bar.set_postfix(loss=f"{out.outer_loss:.4f}", skipped=self.run.skipped_updates)
+            if after_step is not None:
+                after_step(self)
             if validate is not None and validate_every and (step + 1) % validate_every == 0:
                 logger.log(step, validate(step), prefix="meta_val/")
             if checkpoint is not None and checkpoint_every and self.run.step % checkpoint_every == 0:

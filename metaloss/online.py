@@ -17,7 +17,6 @@ from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from metaloss.errors import ConfigError
 from metaloss.functional import detach_params
@@ -68,6 +67,73 @@ def detach_state(state: State) -> State:
     return {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
+class OnlinePhi:
+    """phi of a `TruncatedSystem` run, in the shape the outer loop (`metaloss.engine.MetaTrainer`)
+    reads from a problem: `meta_parameters()`, `state_dict()` (one module, "phi") and no learned
+    inner optimizer."""
+
+    inner_opt = None
+
+    def __init__(self, phi: Sequence[torch.nn.Parameter]) -> None:
+        self.phi = list(phi)
+
+    def meta_parameters(self) -> list[torch.nn.Parameter]:
+        return self.phi
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        return {"phi": {str(i): p.detach().clone() for i, p in enumerate(self.phi)}}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.phi):
+                p.copy_(state["phi"][str(i)])
+
+
+class SystemUpdates:
+    """An `OnlineEstimator` walking one `TruncatedSystem`, as the outer loop's estimator: each
+    meta-step is one update of phi with the mean of the next `update_every` truncations' estimates
+    (fewer for the last of `truncations`). Its state (the online estimator's: particles, noise,
+    inner state) is part of the run state, so an online run checkpoints and resumes like any other.
+    `history` holds every truncation's metrics."""
+
+    def __init__(self, system: TruncatedSystem, estimator: Any, update_every: int = 1,
+                 truncations: int | None = None) -> None:  # fmt: skip
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ConfigError(f"need update_every >= 1, got {update_every!r}")
+        self.system, self.estimator, self.update_every, self.truncations = system, estimator, update_every, truncations
+        self.done = 0  # truncations estimated so far
+        self.history: list[dict[str, float]] = []
+
+    def updates(self, problem: Any, episodes: Sequence[Any]) -> Any:
+        yield self.estimate(problem, episodes)
+
+    def estimate(self, problem: Any, episodes: Sequence[Any]) -> Any:
+        from metaloss.types import HypergradOut
+
+        phi = list(problem.meta_parameters())
+        left = self.update_every if self.truncations is None else min(self.update_every, self.truncations - self.done)
+        pending, losses = [], []
+        for _ in range(max(left, 1)):
+            out = self.estimator.estimate(self.system, phi)
+            pending.append(out.grads)
+            losses.append(out.outer_loss)
+            self.history.append(dict(out.metrics))
+            self.done += 1
+        grads = []
+        for j in range(len(phi)):
+            parts = [g[j].detach() for g in pending if g[j] is not None]
+            grads.append(sum(parts) / len(pending) if parts else None)
+        loss = sum(losses) / len(losses)
+        return HypergradOut(grads=grads, outer_loss=loss, metrics={**out.metrics, "loss": loss})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"estimator": self.estimator.state_dict(), "done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.estimator.load_state_dict(state["estimator"])
+        self.done = int(state["done"])
+
+
 def online_meta_train(
     system: TruncatedSystem,
     estimator: Any,
@@ -78,24 +144,27 @@ def online_meta_train(
     update_every: int = 1,
     progress: bool = False,
 ) -> list[dict[str, float]]:
-    """Run `truncations` truncations: each asks `estimator` (an OnlineEstimator) for the
-    hypergradient of the next truncation; phi is stepped with the mean of the estimates every
-    `update_every` truncations (the update interval of Li et al. 2023; 1: every truncation) and
-    after the last. Returns the metrics of every truncation."""
+    """Run `truncations` truncations through the one outer loop (`MetaTrainer`): each asks
+    `estimator` (an OnlineEstimator) for the hypergradient of the next truncation; phi is stepped
+    with the mean of the estimates every `update_every` truncations (the update interval of Li et
+    al. 2023; 1: every truncation) and after the last. Returns the metrics of every truncation,
+    with phi's mean after it (`phi/i`)."""
+    from metaloss.engine import MetaTrainer
+
     if truncations < 0 or isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
         raise ConfigError(f"need truncations >= 0 and update_every >= 1, got {truncations} and {update_every!r}")
-    history: list[dict[str, float]] = []
-    pending: list[Sequence[Tensor | None]] = []
-    for n in tqdm(range(truncations), desc="online meta-train", disable=not progress, dynamic_ncols=True):
-        out = estimator.estimate(system, list(phi))
-        pending.append(out.grads)
-        if len(pending) == update_every or n == truncations - 1:
-            for j, p in enumerate(phi):
-                parts = [g[j].detach() for g in pending if g[j] is not None]
-                p.grad = sum(parts) / len(pending) if parts else None
-            outer_opt.step()
-            pending = []
-        history.append({**out.metrics, **{f"phi/{i}": p.detach().float().mean().item() for i, p in enumerate(phi)}})
+    updates = SystemUpdates(system, estimator, update_every, truncations)
+    trainer = MetaTrainer(OnlinePhi(phi), updates, outer_opt)  # type: ignore[arg-type]
+
+    def means() -> dict[str, float]:
+        return {f"phi/{i}": p.detach().float().mean().item() for i, p in enumerate(phi)}
+
+    after = [means()]  # phi at the start, then after each update
+    trainer.train(-(-truncations // update_every), progress=progress, after_step=lambda t: after.append(means()))
+    history = []
+    for n, metrics in enumerate(updates.history):  # a truncation that ends an update group sees its update
+        group, last = n // update_every, n == len(updates.history) - 1 or (n + 1) % update_every == 0
+        history.append({**metrics, **after[group + 1 if last else group]})
     return history
 
 

@@ -231,3 +231,32 @@ def test_an_estimator_that_reaches_no_meta_parameter_is_a_config_error():
         trainer = MetaTrainer(maml, estimator, outer, SinusoidSampler(), meta_batch=2)
         with pytest.raises(ConfigError, match="gives no meta-parameter a gradient"):
             trainer.train(1, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["pes", "tbptt"])
+def test_an_online_system_run_resumes_bitwise(kind, tmp_path):
+    """The online regime on a `TruncatedSystem` (the 2D learned-lr-schedule task) goes through the
+    same outer loop: stopped after 3 of 7 updates (of 2 truncations each), checkpointed and resumed
+    in fresh objects, it ends where the uninterrupted run ends, particles and noise included."""
+    from metaloss.hypergrad import OnlineES, TruncatedBackprop
+    from metaloss.online import OnlinePhi, SystemUpdates
+    from tasks.synthetic import LearningRateSchedule2D
+
+    def trainer() -> MetaTrainer:
+        theta = torch.nn.Parameter(torch.tensor([-4.0, -4.0], dtype=torch.float64))
+        online = OnlineES(8, 0.3, 10, resample_every=1, seed=4) if kind == "pes" else TruncatedBackprop(10)
+        updates = SystemUpdates(LearningRateSchedule2D(horizon=30), online, update_every=2, truncations=13)
+        return MetaTrainer(OnlinePhi([theta]), updates, torch.optim.Adam([theta], lr=0.05))
+
+    whole = trainer()
+    whole.train(7, progress=False)
+    first = trainer()
+    first.train(3, progress=False)
+    save_checkpoint(tmp_path / "checkpoint.pt", first.state_dict())
+    resumed = trainer()
+    resumed.load_state_dict(read_checkpoint(tmp_path / "checkpoint.pt"))
+    resumed.train(7, progress=False)
+    assert resumed.estimator.done == whole.estimator.done == 13  # the last update has one truncation
+    assert torch.equal(whole.problem.meta_parameters()[0], resumed.problem.meta_parameters()[0])
+    assert not torch.equal(first.problem.meta_parameters()[0], whole.problem.meta_parameters()[0])
+    assert resumed.estimator.history == whole.estimator.history[6:]
