@@ -13,7 +13,8 @@ BatchNorm policy inside inner loops (`apply_batchnorm_policy`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,9 +58,72 @@ def apply_batchnorm_policy(model: nn.Module, policy: str) -> nn.Module:
     return model
 
 
+# Parameter trees: nests of dicts, lists and tuples with tensors (and other leaves, e.g. Adam's step
+# count) at the leaves. Inner parameters are flat dicts; inner-optimizer states nest.
+
+
+def tree_map(fn: Callable[[Tensor], Any], tree: Any) -> Any:
+    """The same nest with `fn` applied to every tensor (other leaves kept)."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        mapped = [tree_map(fn, v) for v in tree]
+        return type(tree)(*mapped) if hasattr(tree, "_fields") else type(tree)(mapped)
+    return tree
+
+
+def tree_tensors(tree: Any) -> list[Tensor]:
+    """Every tensor of a nest, in a fixed order (dict keys sorted)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for k in sorted(tree) for t in tree_tensors(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in tree_tensors(v)]
+    return []
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    """(every leaf, tensors and others, in order; the nest's structure) for `tree_unflatten`."""
+    leaves: list[Any] = []
+
+    def structure(node: Any) -> Any:
+        if isinstance(node, dict):
+            return (dict, [(k, structure(v)) for k, v in node.items()])
+        if isinstance(node, (list, tuple)):
+            return (type(node), [structure(v) for v in node])
+        leaves.append(node)
+        return None
+
+    return leaves, structure(tree)
+
+
+def tree_unflatten(leaves: Sequence[Any], spec: Any) -> Any:
+    """The nest of `spec` (from `tree_flatten`) with `leaves` in its leaves' places."""
+    remaining = iter(leaves)
+
+    def build(node: Any) -> Any:
+        if node is None:
+            return next(remaining)
+        kind, children = node
+        if kind is dict:
+            return {k: build(c) for k, c in children}
+        built = [build(c) for c in children]
+        return kind(*built) if hasattr(kind, "_fields") else kind(built)
+
+    return build(spec)
+
+
+def tree_detach(tree: Any) -> Any:
+    """Detach every tensor of a nest (a stop-gradient, e.g. on an optimizer state)."""
+    return tree_map(Tensor.detach, tree)
+
+
 def detach_params(params: Params, requires_grad: bool = False) -> Params:
     """Cut `params` from the graph (a stop-gradient); optionally make them leaves that track grad."""
-    return {name: p.detach().requires_grad_(requires_grad) for name, p in params.items()}
+    return tree_map(lambda p: p.detach().requires_grad_(requires_grad), params)
 
 
 def zeros_like_params(params: Params) -> Params:

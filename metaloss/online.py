@@ -19,9 +19,7 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
-from metaloss.functional import detach_params
-from metaloss.inner.loop import run_inner_loop
-from metaloss.inner.optim import tree_detach
+from metaloss.functional import detach_params, tree_detach, tree_flatten, tree_unflatten
 
 State = dict[str, Any]
 
@@ -190,7 +188,7 @@ class EpisodeSystem:
         return {"particles": [None] * particles, "t": 0}
 
     def _loss(self, problem: Any, result: Any, frozen: Any) -> Tensor:
-        if problem.meta_objective == "inner_mean":
+        if problem.trajectory_objective:
             return torch.stack(result.losses).mean()
         return problem.query_loss({**frozen, **result.params}, self.episode)[0]
 
@@ -198,10 +196,11 @@ class EpisodeSystem:
                  *, functional: bool) -> Any:  # fmt: skip
         """`steps` inner steps from (params, opt_state): autograd with each step's loss graph kept
         (the truncation's loss may be differentiated), or `torch.func` gradients (vmap-able)."""
-        return run_inner_loop(
+        return problem.run_inner(
+            self.episode,
             params,
-            problem.inner_objective(self.episode, w0, frozen),
-            problem.inner_opt(),
+            w0,
+            frozen,
             steps,
             opt_state=opt_state,
             first_step=first_step,
@@ -232,7 +231,6 @@ class EpisodeSystem:
         tensor goes); its non-tensor leaves (e.g. Adam's step count) are the same for every
         particle and stay in the template."""
         from torch.func import vmap
-        from torch.utils._pytree import tree_flatten, tree_unflatten
 
         carried = state["particles"] if isinstance(state["particles"], tuple) else None
         template = None if carried is None else carried[2]  # the optimizer state with _TensorSlot leaves

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from metaloss.errors import ConfigError
 from metaloss.functional import forward
 from metaloss.inner.loop import InnerResult, run_inner_loop
+from metaloss.inner.optim import InnerOptimizer
 from metaloss.types import Episode, Params
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -69,6 +71,12 @@ class BilevelProblem:
             self.adapt = tuple(self.adapt)
             if not self.adapt or not any(self._adapted(n) for n in names):
                 raise ConfigError(f"adapt={list(self.adapt)} matches no parameter of the model; names are {names}")
+
+    @property
+    def trajectory_objective(self) -> bool:
+        """Whether the meta-objective is the mean inner loss along the trajectory ("inner_mean"),
+        rather than the query loss after adaptation ("query")."""
+        return self.meta_objective == "inner_mean"
 
     def _follow_model_dtype(self) -> None:
         """Meta-modules hold their floating-point parameters in the model's dtype: a learned scalar made
@@ -159,24 +167,42 @@ class BilevelProblem:
         """Run the inner loop on the support set; returns (all parameters after adaptation, loop result).
         functional: `torch.func` inner gradients and no graph (vmap-able; see `run_inner_loop`)."""
         adapted, frozen = self.initial_params()
-        support_loss = self.inner_objective(episode, adapted, frozen)
 
         def on_step_full(t: int, params: Params) -> None:
             assert on_step is not None
             on_step(t, {**frozen, **params})
 
-        result = run_inner_loop(
+        result = self.run_inner(
+            episode,
             adapted,
-            support_loss,
-            self.inner_opt(),
+            adapted,
+            frozen,
             self.inner_steps if steps is None else steps,
             second_order=second_order,
             differentiable_steps=differentiable_steps,
             on_step=None if on_step is None else on_step_full,
-            keep_loss_graph=self.meta_objective == "inner_mean",
+            keep_loss_graph=self.trajectory_objective,
             functional=functional,
         )
         return {**frozen, **result.params}, result
+
+    def run_inner(
+        self,
+        episode: Episode,
+        params: Params,
+        w0: Params,
+        frozen: Params,
+        steps: int,
+        *,
+        optimizer: InnerOptimizer | None = None,
+        **loop: Any,
+    ) -> InnerResult:
+        """The one inner chain, which every estimator and evaluation calls: L_inner(., phi) on the
+        episode's support set given (w0, frozen) -> the inner optimizer (`optimizer`, or a fresh
+        `inner_opt()`) -> `run_inner_loop` for `steps` steps from `params` (w0 itself, or a state
+        carried from an earlier segment with `opt_state` and `first_step` in `loop`)."""
+        objective = self.inner_objective(episode, w0, frozen)  # fresh: a segment's backward frees its graph
+        return run_inner_loop(params, objective, self.inner_opt() if optimizer is None else optimizer, steps, **loop)
 
     def inner_objective(self, episode: Episode, w0: Params, frozen: Params) -> Callable[[Params, int], Tensor]:
         """L_inner(w, phi) at inner step t on the support set, as a function of the adapted parameters
@@ -235,7 +261,7 @@ class BilevelProblem:
         """The meta-objective of one episode (see `meta_objective`) and detached metrics; the query
         metrics are always reported (as `query_loss` and the metric) for monitoring."""
         loss, metrics = self.query_loss(params, episode)
-        if self.meta_objective == "query":
+        if not self.trajectory_objective:
             return loss, metrics
         trajectory = torch.stack(inner.losses).mean()
         metrics["query_loss"], metrics["loss"] = metrics["loss"], trajectory.detach()

@@ -19,28 +19,15 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
+from metaloss.functional import tree_map, tree_tensors
 from metaloss.hypergrad.base import HypergradEstimator, mean_over_tasks
-from metaloss.inner.loop import run_inner_loop
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
 
-def _leaves(tree):
-    """Every tensor in a nest of dicts, as a flat list (fixed order)."""
-    if isinstance(tree, Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [leaf for k in sorted(tree) for leaf in _leaves(tree[k])]
-    return []
-
-
-def _as_leaves(tree):
-    """The same nest with every tensor detached into a fresh leaf that requires grad."""
-    if isinstance(tree, Tensor):
-        return tree.detach().requires_grad_()
-    if isinstance(tree, dict):
-        return {k: _as_leaves(v) for k, v in tree.items()}
-    return tree
+def as_leaf(t: Tensor) -> Tensor:
+    """A fresh leaf tracking grad with `t`'s value: a segment's recomputation starts there."""
+    return t.detach().requires_grad_()
 
 
 class CheckpointedUnrolled(HypergradEstimator):
@@ -59,7 +46,6 @@ class CheckpointedUnrolled(HypergradEstimator):
         steps = problem.inner_steps
         segment = self.segment or max(1, math.ceil(math.sqrt(steps)))
         w0, frozen = problem.initial_params()
-        objective = problem.inner_objective(episode, w0, frozen)
         optimizer = problem.inner_opt()
         # forward, no graph: checkpoints (w_t, s_t) at t = 0, S, 2S, ...
         checkpoints = []
@@ -67,11 +53,13 @@ class CheckpointedUnrolled(HypergradEstimator):
         trajectory: list[Tensor] = []  # L_in(w_t) for t = 0 .. T-1, detached
         for start in range(0, steps, segment):
             checkpoints.append((start, params, {k: v for k, v in state.items()}))
-            result = run_inner_loop(
+            result = problem.run_inner(
+                episode,
                 params,
-                objective,
-                optimizer,
+                w0,
+                frozen,
                 min(segment, steps - start),
+                optimizer=optimizer,
                 opt_state=state,
                 differentiable_steps=0,
                 first_step=start,
@@ -81,37 +69,39 @@ class CheckpointedUnrolled(HypergradEstimator):
         # outer loss at w_T: the adjoint to carry back, and phi's direct gradient
         w_t = {n: p.detach().requires_grad_() for n, p in params.items()}
         loss, metrics = problem.query_loss({**frozen, **w_t}, episode)
-        along_trajectory = problem.meta_objective == "inner_mean"
+        along_trajectory = problem.trajectory_objective
         if along_trajectory:  # J does not depend on w_T: no terminal adjoint
             metrics["query_loss"], metrics["loss"] = metrics["loss"], torch.stack(trajectory).mean()
             outer: Sequence[Tensor | None] = [None] * (len(w_t) + len(phi))
         else:
             outer = torch.autograd.grad(loss * scale, list(w_t.values()) + phi, allow_unused=True)
         adjoint_w = dict(zip(w_t, outer[: len(w_t)]))
-        adjoint_s: list[Tensor | None] = [None] * len(_leaves(state))
+        adjoint_s: list[Tensor | None] = [None] * len(tree_tensors(state))
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(phi, outer[len(w_t) :])]
         # backward, segment by segment: recompute with graph, pull the adjoint back
         for start, params_k, state_k in reversed(checkpoints):
             if start == 0:
                 params_k, state_k = w0, optimizer.init(w0)  # the graph of w0(phi) itself
             else:
-                params_k, state_k = _as_leaves(params_k), _as_leaves(state_k)
-            result = run_inner_loop(
+                params_k, state_k = tree_map(as_leaf, params_k), tree_map(as_leaf, state_k)
+            result = problem.run_inner(
+                episode,
                 params_k,
-                problem.inner_objective(episode, w0, frozen),  # fresh: a segment's backward frees its graph
-                optimizer,
+                w0,
+                frozen,
                 min(segment, steps - start),
+                optimizer=optimizer,
                 opt_state=state_k,
                 first_step=start,
                 keep_loss_graph=along_trajectory,
             )
-            outputs = list(result.params.values()) + _leaves(result.opt_state)
+            outputs = list(result.params.values()) + tree_tensors(result.opt_state)
             cotangents = [adjoint_w[n] for n in result.params] + adjoint_s
             if along_trajectory:  # this segment's own terms of J
                 outputs.append(torch.stack(result.losses).sum())
                 cotangents.append(torch.tensor(scale / steps, dtype=outputs[-1].dtype, device=outputs[-1].device))
             keep = [i for i, (o, c) in enumerate(zip(outputs, cotangents)) if c is not None and o.requires_grad]
-            inputs = list(params_k.values()) + _leaves(state_k) if start > 0 else []
+            inputs = list(params_k.values()) + tree_tensors(state_k) if start > 0 else []
             pulled = torch.autograd.grad(
                 [outputs[i] for i in keep], inputs + phi, [cotangents[i] for i in keep], allow_unused=True
             )

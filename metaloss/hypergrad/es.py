@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
+from metaloss.functional import tree_detach
 from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator
-from metaloss.inner.optim import tree_detach
 from metaloss.online import TruncatedSystem, Truncation, check_truncation, truncation_length
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut

@@ -45,7 +45,7 @@ class Implicit(HypergradEstimator):
         self.solver, self.iterations, self.tol, self.damping, self.alpha = solver, iterations, tol, damping, alpha
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
-        if problem.meta_objective != "query":
+        if problem.trajectory_objective:
             raise ConfigError(
                 "implicit differentiation supports meta_objective='query' only: the trajectory objective "
                 "depends on every iterate, not only on the inner solution (use unrolled or checkpointed)"

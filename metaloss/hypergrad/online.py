@@ -120,7 +120,7 @@ class EpisodicOnline(HypergradEstimator):
         while t < system.horizon:
             out = estimator.estimate(system, phi)
             steps, t = int(out.metrics["t"]) - t, int(out.metrics["t"])
-            if problem.meta_objective == "inner_mean":
+            if problem.trajectory_objective:
                 grads = _add(grads, out.grads, scale * steps / system.horizon)
             else:
                 grads = _add([None] * len(phi), out.grads, scale)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metaloss.functional import tree_detach
 from metaloss.hypergrad.base import OnlineEstimator
-from metaloss.inner.optim import tree_detach
 from metaloss.online import TruncatedSystem, Truncation, broadcast, check_truncation, detach_state, truncation_length
 from metaloss.types import HypergradOut
 

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
-from metaloss.functional import detach_params
-from metaloss.inner.optim import InnerOptimizer, OptState, tree_detach
+from metaloss.functional import detach_params, tree_detach
+from metaloss.inner.optim import InnerOptimizer, OptState
 from metaloss.types import Params
 
 

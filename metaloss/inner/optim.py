@@ -116,14 +116,3 @@ def adam(
 
 
 OPTIMIZERS: dict[str, Callable[..., InnerOptimizer]] = {"sgd": sgd, "adam": adam}
-
-
-def tree_detach(tree: Any) -> Any:
-    """Detach every tensor in a nest of dicts/lists/tuples (a stop-gradient on optimizer state)."""
-    if isinstance(tree, Tensor):
-        return tree.detach()
-    if isinstance(tree, dict):
-        return {k: tree_detach(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(tree_detach(v) for v in tree)
-    return tree

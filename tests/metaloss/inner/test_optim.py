@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from metaloss.errors import ConfigError
-from metaloss.inner.optim import adam, sgd, tree_detach
+from metaloss.functional import tree_detach
+from metaloss.inner.optim import adam, sgd
 
 
 def quadratic_grads(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
