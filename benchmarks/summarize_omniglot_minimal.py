@@ -70,7 +70,7 @@ def main() -> None:
     twenty = [r for r in rows if r["setting"] == "20way"]
     if twenty:
         best = max(twenty, key=lambda r: max(a for a, _ in r["accuracy"].values()))
-        state = torch.load(ROOT.parent / best["run_dir"] / "checkpoint.pt", map_location="cpu", weights_only=False)
+        state = torch.load(ROOT.parent / best["run_dir"] / "checkpoint.pt", map_location="cpu", weights_only=True)
         state.pop("outer_opt", None)
         CHECKPOINTS.mkdir(exist_ok=True)
         path = CHECKPOINTS / f"{Path(best['run_dir']).name}.pt"

@@ -89,11 +89,12 @@ def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
     """(every leaf, tensors and others, in order; the nest's structure) for `tree_unflatten`."""
     leaves: list[Any] = []
 
-    def structure(node: Any) -> Any:
+    def structure(node: Any) -> Any:  # plain names, so a saved structure loads with weights_only=True
         if isinstance(node, dict):
-            return (dict, [(k, structure(v)) for k, v in node.items()])
+            return ("dict", [(k, structure(v)) for k, v in node.items()])
         if isinstance(node, (list, tuple)):
-            return (type(node), [structure(v) for v in node])
+            kind = type(node) if hasattr(node, "_fields") else type(node).__name__
+            return (kind, [structure(v) for v in node])
         leaves.append(node)
         return None
 
@@ -108,10 +109,10 @@ def tree_unflatten(leaves: Sequence[Any], spec: Any) -> Any:
         if node is None:
             return next(remaining)
         kind, children = node
-        if kind is dict:
+        if kind == "dict":
             return {k: build(c) for k, c in children}
         built = [build(c) for c in children]
-        return kind(*built) if hasattr(kind, "_fields") else kind(built)
+        return {"list": list, "tuple": tuple}[kind](built) if isinstance(kind, str) else kind(*built)
 
     return build(spec)
 

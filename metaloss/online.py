@@ -227,13 +227,14 @@ class EpisodeSystem:
 
     def _unroll_batched(self, state: State, phi: Sequence[Tensor], steps: int) -> tuple[State, Tensor]:
         """All particles in one `vmap`. The carried state is ([P, ...] parameters, the optimizer
-        state's tensors [P, ...], a template of the optimizer state with a `_TensorSlot` where each
-        tensor goes); its non-tensor leaves (e.g. Adam's step count) are the same for every
-        particle and stay in the template."""
+        state's tensors [P, ...], a template of the optimizer state: (its leaves with None where a
+        tensor goes, which leaves are tensors, its structure)); its non-tensor leaves (e.g. Adam's
+        step count) are the same for every particle and stay in the template. Tensors, lists and
+        plain values only, so a checkpoint of it loads with weights_only=True."""
         from torch.func import vmap
 
         carried = state["particles"] if isinstance(state["particles"], tuple) else None
-        template = None if carried is None else carried[2]  # the optimizer state with _TensorSlot leaves
+        template = None if carried is None else carried[2]  # (leaves, is_tensor, structure)
         kept: dict[str, Any] = {}
 
         def one(phi_i: list[Tensor], carried_i: Any) -> tuple[Any, list[Tensor], Tensor]:
@@ -242,18 +243,15 @@ class EpisodeSystem:
             if carried_i is None:
                 params, opt_state = w0, None
             else:
-                tensors, (slots, spec) = iter(carried_i[1]), tree_flatten(template)
-                leaves = [next(tensors) if isinstance(v, _TensorSlot) else v for v in slots]
+                tensors, (slots, is_tensor, spec) = iter(carried_i[1]), template
+                leaves = [next(tensors) if tensor else v for v, tensor in zip(slots, is_tensor)]
                 params, opt_state = carried_i[0], tree_unflatten(leaves, spec)
             result = self._advance(problem, params, opt_state, w0, frozen, state["t"], steps, functional=True)
             leaves, spec = tree_flatten(result.opt_state)
-            kept["template"] = tree_unflatten([_TensorSlot() if isinstance(v, Tensor) else v for v in leaves], spec)
+            is_tensor = [isinstance(v, Tensor) for v in leaves]
+            kept["template"] = ([None if t else v for v, t in zip(leaves, is_tensor)], is_tensor, spec)
             return result.params, [v for v in leaves if isinstance(v, Tensor)], self._loss(problem, result, frozen)
 
         inputs = None if carried is None else (carried[0], list(carried[1]))
         params, tensors, loss = vmap(one, in_dims=(0, None if carried is None else 0))(list(phi), inputs)
         return {"particles": (params, tensors, kept["template"]), "t": state["t"] + steps}, loss
-
-
-class _TensorSlot:
-    """Marks where a batched tensor goes back into an optimizer state's leaves."""

@@ -6,6 +6,7 @@ launched together, as many at a time as there are CPU cores, each with one torch
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -140,3 +141,22 @@ def test_miniimagenet_fixture_runs_end_to_end(runs):
             assert 0.0 <= accuracy <= 1.0 and round(accuracy * 10, 6) == round(accuracy * 10)
         assert f"{prefix}/loss_step10" not in metrics
     assert (run.dir / "checkpoint.pt").is_file()
+
+
+def test_a_sweep_over_a_config_group_runs_every_job(tmp_path):
+    """`-m algorithm=maml,fomaml`: the group-choice check takes each option; each job has its directory."""
+    import subprocess
+    import sys
+
+    from script_runner import REPO_ROOT, SCRIPT
+
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "-m", f"hydra.sweep.dir={tmp_path}", "algorithm=maml,fomaml", *TINY,
+         "logger=none", "baseline.enabled=false", "train.validate_every=0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads((tmp_path / str(i) / "metrics.json").read_text())["algorithm"] for i in (0, 1)] == [
+        "maml",
+        "fomaml",
+    ]

@@ -135,7 +135,7 @@ def test_episode_system_particles_survive_a_checkpoint(batched: bool) -> None:
     expected = [straight.estimate(system, phi) for _ in range(2)]
     resumed = OnlineES(4, 0.01, 1, resample_every=1, seed=0)  # another seed: the state brings the noise
     buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for want in expected:
         got = resumed.estimate(system, phi)
         assert all(torch.equal(a, b) for a, b in zip(got.grads, want.grads))

@@ -164,6 +164,6 @@ def test_a_resumed_estimator_continues_exactly(make) -> None:
     expected = [straight.estimate(system, [theta]).grads[0] for _ in range(5)]
     resumed = make()
     buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for want in expected:
         assert torch.equal(resumed.estimate(system, [theta]).grads[0], want)
