@@ -17,6 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # tests/tasks must never shadow the `tasks` package when tests/ itself lands on sys.path
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+# scripts/common.py and scripts/settings.py import as `common` and `settings`, as the scripts import them
+if str(REPO_ROOT / "scripts") not in sys.path:
+    sys.path.append(str(REPO_ROOT / "scripts"))
 
 MINI_FILES = {
     "train": "mini-imagenet-cache-train.pkl",

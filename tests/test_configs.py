@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,11 +35,9 @@ CIFAR_TASKS = ("cifar_fs", "fc100")
 @functools.cache
 def load_common():
     """scripts/common.py, which is not a package module."""
-    spec = importlib.util.spec_from_file_location("metaloss_scripts_common", REPO_ROOT / "scripts" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    import common  # scripts/ is on sys.path (tests/conftest.py)
+
+    return common
 
 
 def compose_with(*overrides: str) -> DictConfig:

@@ -18,8 +18,6 @@ particles, test tasks) were checked to pass on seeds 0, 1 and 2; the test runs s
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +72,9 @@ CASES = {
 @functools.cache
 def load_common():
     """scripts/common.py, which is not a package module."""
-    spec = importlib.util.spec_from_file_location("metaloss_scripts_common_learns", REPO_ROOT / "scripts" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    import common  # scripts/ is on sys.path (tests/conftest.py)
+
+    return common
 
 
 def compose_with(*overrides: str) -> DictConfig:

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from common import config_diff, config_errors  # scripts/ is on sys.path (tests/conftest.py)
 from hydra.utils import instantiate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
-from common import config_diff, config_errors  # noqa: E402
 
 
 def broken_target(x: int) -> int:
