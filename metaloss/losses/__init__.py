@@ -1,26 +1,27 @@
-"""Plain task losses and metrics, looked up by name from configs.
-
-(The later `losses/` package of robust losses grows from here.)
-"""
+"""Task losses and metrics, looked up by name from configs: the plain ones (MSE, cross-entropy) and
+the robust classification losses of `metaloss.losses.robust`, each with `reduction="mean" | "none"`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from metaloss.errors import ConfigError
-
-
-def mse(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error; pred and target of shape [n, d]."""
-    return F.mse_loss(pred, target)
-
-
-def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Softmax cross-entropy; logits [n, classes], target [n] class indices."""
-    return F.cross_entropy(logits, target)
+from metaloss.losses.robust import (
+    cross_entropy,
+    focal,
+    gce,
+    label_smoothing,
+    mae,
+    mse,
+    nce_rce,
+    poly1,
+    rce,
+    reduce,
+    sce,
+    taylor_ce,
+)
 
 
 def accuracy(logits: Tensor, target: Tensor) -> Tensor:
@@ -28,11 +29,23 @@ def accuracy(logits: Tensor, target: Tensor) -> Tensor:
     return (logits.argmax(dim=-1) == target).float().mean()
 
 
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": mse, "cross_entropy": cross_entropy}
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "mse": mse,
+    "cross_entropy": cross_entropy,
+    "label_smoothing": label_smoothing,
+    "focal": focal,
+    "poly1": poly1,
+    "gce": gce,
+    "mae": mae,
+    "rce": rce,
+    "sce": sce,
+    "nce_rce": nce_rce,
+    "taylor_ce": taylor_ce,
+}
 METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"accuracy": accuracy}
 
 
-def get_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+def get_loss(name: str) -> Callable[..., Tensor]:
     """The loss called `name`, or a ConfigError listing the known ones."""
     if name not in LOSSES:
         raise ConfigError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
@@ -44,3 +57,6 @@ def get_metric(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     if name not in METRICS:
         raise ConfigError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
     return METRICS[name]
+
+
+__all__ = ["LOSSES", "METRICS", "accuracy", "get_loss", "get_metric", "reduce", *sorted(LOSSES)]
