@@ -22,7 +22,7 @@ from metaloss.errors import ConfigError
 from metaloss.functional import forward
 from metaloss.inner.loop import InnerResult, run_inner_loop
 from metaloss.inner.optim import InnerOptimizer
-from metaloss.types import Episode, Params
+from metaloss.types import Episode, LossContext, Params
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 META_OBJECTIVES = ("query", "inner_mean")
@@ -121,8 +121,6 @@ class BilevelProblem:
         particle's perturbed phi, or a slice of a vmapped batch). Needs meta-parameters that are not
         shared between meta-modules, and meta-modules whose forward() reads its parameters when
         called: a returned closure that reads `self.x` later would see the module's own phi."""
-        from torch.func import functional_call
-
         names = [(key, name) for key, m in self.meta_modules().items() for name, p in m.named_parameters()
                  if p.requires_grad]  # fmt: skip
         if len(names) != len(self.meta_parameters()):
@@ -133,8 +131,7 @@ class BilevelProblem:
         for (key, name), value in zip(names, phi):
             by_module.setdefault(key, {})[name] = value
         modules = self.meta_modules()
-        replaced = {key: (lambda *args, m=modules[key], p=params: functional_call(m, p, args, strict=False))
-                    for key, params in by_module.items()}  # fmt: skip
+        replaced = {key: WithParameters(modules[key], params) for key, params in by_module.items()}
         return dataclasses.replace(self, **replaced)
 
     def state_dict(self) -> dict[str, dict]:
@@ -220,12 +217,19 @@ class BilevelProblem:
             if self.inner_batch_size is not None and t is not None:
                 rows = torch.arange(t * self.inner_batch_size, (t + 1) * self.inner_batch_size) % len(x)
                 x, y = x[rows], y[rows]  # [B, ...]
-            loss = self.inner_loss(self.predict({**frozen, **params}, x), y)
+            loss = self._inner_loss(self.predict({**frozen, **params}, x), y, x, params, t, episode)
             if self.inner_regularizer is not None:
                 loss = loss + self.inner_regularizer(params, w0)
             return loss
 
         return support_loss
+
+    def _inner_loss(self, prediction: Tensor, target: Tensor, inputs: Tensor, params: Params, t: int | None,
+                    episode: Episode) -> Tensor:  # fmt: skip
+        """L_inner on a batch: (prediction, target), plus a `LossContext` for a loss that asks for one."""
+        if getattr(self.inner_loss, "needs_context", False):
+            return self.inner_loss(prediction, target, LossContext(inputs, params, t, episode))
+        return self.inner_loss(prediction, target)
 
     def _head_only(self) -> tuple[str, str] | None:
         """(body, head) names when the features can be reused: only the head adapts, and every
@@ -250,7 +254,8 @@ class BilevelProblem:
         head_module, y = self.model.get_submodule(head), episode.support_y
 
         def support_loss(params: Params, t: int | None = None) -> Tensor:
-            loss = self.inner_loss(functional_call(head_module, part(params, head), (features,), strict=False), y)
+            prediction = functional_call(head_module, part(params, head), (features,), strict=False)
+            loss = self._inner_loss(prediction, y, episode.support_x, params, t, episode)
             if self.inner_regularizer is not None:
                 loss = loss + self.inner_regularizer(params, w0)
             return loss
@@ -275,3 +280,22 @@ class BilevelProblem:
         if self.metric is not None:
             metrics[self.metric_name] = self.metric(prediction.detach(), episode.query_y)
         return loss, metrics
+
+
+class WithParameters:
+    """A meta-module called with other parameters (`torch.func.functional_call`: an ES particle's
+    perturbed phi, a slice of a vmapped batch); its other attributes (e.g. `needs_context`) are the
+    module's."""
+
+    def __init__(self, module: nn.Module, params: dict[str, Tensor]) -> None:
+        self.module, self.params = module, params
+
+    def __call__(self, *args: Any) -> Any:
+        from torch.func import functional_call
+
+        return functional_call(self.module, self.params, args, strict=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("module", "params"):  # not set yet (e.g. while copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)

@@ -64,3 +64,17 @@ class TaskSampler(Protocol):
 def sample_episodes(sampler: TaskSampler, start: int, count: int) -> list[Episode]:
     """Episodes start .. start + count - 1."""
     return [sampler.episode(i) for i in range(start, start + count)]
+
+
+@dataclass
+class LossContext:
+    """What a learned inner loss may read beyond (prediction, target), given only to losses that set
+    `needs_context = True` (the learned-loss contract, `metaloss.meta.loss`): the inputs of the rows
+    the prediction is for [n, ...], the adapted parameters w_t, the global inner step t (None: the
+    full objective) and the episode (its query inputs, for a transductive term; never its hidden
+    metadata)."""
+
+    inputs: Tensor
+    params: Params
+    step: int | None
+    episode: Episode
