@@ -134,11 +134,18 @@ class BilevelProblem:
         replaced = {key: WithParameters(modules[key], params) for key, params in by_module.items()}
         return dataclasses.replace(self, **replaced)
 
+    def _saved_modules(self) -> dict[str, nn.Module]:
+        """The meta-modules with parameters or buffers: what a checkpoint holds (a fixed
+        initialisation's w0 is a buffer, not phi, but a saved run needs it)."""
+        candidates = {"init": self.init, "inner_opt": self.inner_opt, "inner_loss": self.inner_loss,
+                      "inner_regularizer": self.inner_regularizer}  # fmt: skip
+        return {k: m for k, m in candidates.items() if isinstance(m, nn.Module) and m.state_dict()}
+
     def state_dict(self) -> dict[str, dict]:
-        return {k: m.state_dict() for k, m in self.meta_modules().items()}
+        return {k: m.state_dict() for k, m in self._saved_modules().items()}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
-        for k, m in self.meta_modules().items():
+        for k, m in self._saved_modules().items():
             m.load_state_dict(state[k])
 
     def initial_params(self) -> tuple[Params, Params]:

@@ -169,25 +169,39 @@ class Built:
 
 def instantiate_for(model: torch.nn.Module, node: DictConfig) -> Any:
     """Instantiate `node`, passing `model` when its target takes one (Meta-SGD, per-element penalties)."""
+    if node.get("_partial_"):  # the node is itself a partial (e.g. a fixed loss with its coefficients)
+        return instantiate(node)
     make = instantiate(node, _partial_=True)
     return make(model=model) if "model" in inspect.signature(make.func).parameters else make()
 
 
-def build_problem(cfg: DictConfig, model: torch.nn.Module, splits: TaskSplits) -> BilevelProblem:
-    """The bilevel problem of `cfg` around `model`: a learned init, the configured inner optimizer
-    and inner regulariser (built for the model when their constructors take one), the task's loss."""
+def build_problem(
+    cfg: DictConfig, model: torch.nn.Module, splits: TaskSplits, baseline: bool = False
+) -> BilevelProblem:
+    """The bilevel problem of `cfg` around `model`: the configured init (learned by default), inner
+    loss (the task's own unless `inner_loss` names a target), inner optimizer and inner regulariser
+    (built for the model when their constructors take one), the task's outer loss. baseline: the
+    pretrained baseline's problem, which fine-tunes the model's own weights with the task's loss."""
     dtype = dtype_of(cfg)
     apply_batchnorm_policy(model, cfg.problem.batchnorm)
     model.to(cfg.device, dtype)
     inner_opt = instantiate_for(model, cfg.inner_opt).to(cfg.device, dtype)
     regularizer = cfg.problem.get("inner_regularizer")
     loss = get_loss(splits.loss)
+    inner_loss = cfg.get("inner_loss")
+    if not baseline and inner_loss is not None and inner_loss.get("_target_") is not None:
+        inner_loss = instantiate_for(model, inner_loss)
+        if isinstance(inner_loss, torch.nn.Module):
+            inner_loss.to(cfg.device, dtype)
+    else:
+        inner_loss = loss
+    init = None if baseline else cfg.get("init")
     adapt = cfg.problem.adapt
     return BilevelProblem(
         model=model,
-        init=LearnedInit(model),
+        init=LearnedInit(model) if init is None else instantiate(init, model=model),
         inner_opt=inner_opt,
-        inner_loss=loss,
+        inner_loss=inner_loss,
         outer_loss=loss,
         inner_steps=cfg.problem.inner_steps,
         adapt=None if adapt is None else list(adapt),
@@ -203,6 +217,9 @@ def build(cfg: DictConfig) -> Built:
     splits = instantiate(cfg.task)
     problem = build_problem(cfg, instantiate(cfg.model), splits)
     estimator = instantiate(cfg.hypergrad)
+    if not problem.meta_parameters():
+        raise ConfigError("nothing is meta-learned: with init=fixed, learn a loss (inner_loss=ml3, ...), inner "
+                          "hyperparameters (inner_opt.learn=[lr]) or a regulariser")  # fmt: skip
     try:
         outer_opt = instantiate(cfg.outer_opt)(problem.meta_parameters())
     except ValueError as err:  # torch.optim rejects e.g. a negative learning rate

@@ -120,6 +120,8 @@ def main(cfg: DictConfig) -> None:
         "task": choices.task,
         "algorithm": choices.algorithm,
         "hypergrad": choices.hypergrad,
+        "init": choices.get("init"),
+        "inner_loss": choices.get("inner_loss"),
         "meta_steps": settings.train.meta_steps,
         "outer_updates": run.outer_updates,
         "skipped_updates": run.skipped_updates,
@@ -137,7 +139,7 @@ def main(cfg: DictConfig) -> None:
     if settings.baseline.enabled is True or (settings.baseline.enabled == "auto" and splits.loss == "mse"):
         torch.manual_seed(settings.seed + 1)
         with config_errors():
-            baseline = build_problem(cfg, instantiate(cfg.model), splits)
+            baseline = build_problem(cfg, instantiate(cfg.model), splits, baseline=True)
         train_jointly(
             baseline.model,
             splits.train,

@@ -151,7 +151,7 @@ def validate_meta_train(cfg: DictConfig) -> MetaTrainSettings:
         _require(b.steps >= 0 and b.tasks_per_step >= 1 and b.lr > 0,
                  "baseline.steps must be >= 0, baseline.tasks_per_step >= 1 and baseline.lr > 0")  # fmt: skip
     check_episodes(cfg)
-    for group in ("task", "model", "inner_opt", "hypergrad", "outer_opt", "logger"):
+    for group in ("task", "model", "init", "inner_loss", "inner_opt", "hypergrad", "outer_opt", "logger"):
         if group in cfg and isinstance(cfg[group], DictConfig):
             check_target_types(cfg[group], group)
     return s

@@ -21,7 +21,7 @@ from tasks.base import TaskSplits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-GROUPS = ("task", "model", "algorithm", "inner_opt", "hypergrad", "outer_opt", "logger")
+GROUPS = ("task", "model", "algorithm", "init", "inner_loss", "inner_opt", "hypergrad", "outer_opt", "logger")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 TASK_OF_MODEL = {  # models sized by task.n_way
     "conv4": "miniimagenet",
@@ -280,6 +280,8 @@ def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_roo
     if (group, option) in {("task", "omniglot"), ("task", "omniglot_lake"), ("model", "conv4_omniglot")}:
         task = option if group == "task" else "omniglot"
         overrides += [f"task={task}", *omniglot_overrides[task], "model.filters=4"]
+    if (group, option) == ("init", "fixed"):  # phi must live elsewhere
+        overrides += ["inner_loss=ml3_regression"]
     built = load_common().build(compose_with(*overrides))
     assert built.problem.meta_parameters()
     assert len(built.outer_opt.param_groups[0]["params"]) == len(built.problem.meta_parameters())

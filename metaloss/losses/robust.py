@@ -36,6 +36,9 @@ def reduce(per_sample: Tensor, reduction: str) -> Tensor:
 
 def _log_p_target(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(log softmax [n, K], log p_y [n])."""
+    if target.is_floating_point():
+        raise ConfigError("a classification loss needs class-index targets, but the targets are real numbers "
+                          "(a regression task?)")  # fmt: skip
     log_p = F.log_softmax(logits, dim=-1)
     return log_p, log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 

@@ -35,6 +35,7 @@ class ML3Loss(nn.Module):
         self.net = MLP(2, hidden, 1)
 
     def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        _class_indices(target, type(self).__name__)
         features = torch.stack([logits.softmax(-1), F.one_hot(target, logits.shape[-1]).to(logits.dtype)], -1)
         per_sample = F.softplus(self.net(features)).squeeze(-1).sum(-1)  # [n, K, 2] -> [n, K] -> [n]
         return reduce(per_sample, reduction)
@@ -86,8 +87,15 @@ class TaylorGLOLoss(nn.Module):
         self.coefficients = nn.Parameter(torch.tensor([float(c) for c in coefficients]))
 
     def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        _class_indices(target, type(self).__name__)
         y = logits.softmax(-1) - self.centre[1]  # [n, K]
         x = F.one_hot(target, logits.shape[-1]).to(logits.dtype) - self.centre[0]
         t = self.coefficients
         f = t[0] * y + t[1] * y**2 / 2 + t[2] * y**3 / 6 + t[3] * x * y + t[4] * x * y**2 / 2 + t[5] * x**2 * y / 2
         return reduce(-f.sum(-1), reduction)
+
+
+def _class_indices(target: Tensor, name: str) -> None:
+    if target.is_floating_point():
+        raise ConfigError(f"{name} is a classification loss (class-index targets) but the targets are real numbers; "
+                          "for regression use inner_loss=ml3_regression")  # fmt: skip

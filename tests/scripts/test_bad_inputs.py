@@ -58,6 +58,9 @@ CASES: dict[str, Case] = {
     "implicit_on_plain_maml": Case(["hypergrad=implicit_cg"], 2, "Implicit gives no meta-parameter a gradient"),
     "truncation_cuts_the_init": Case(["hypergrad=truncated", "problem.inner_steps=3"], 2,
                                      "Unrolled gives no meta-parameter a gradient"),  # fmt: skip
+    "nothing_meta_learned": Case(["init=fixed"], 2, "nothing is meta-learned: with init=fixed"),
+    "classification_loss_on_regression": Case(["inner_loss=poly1"], 2,
+                                              "a classification loss needs class-index targets"),  # fmt: skip
     # data
     "miniimagenet_missing": Case(["task=miniimagenet", "task.root={empty}"], 2, "mini-imagenet-cache-train.pkl"),
     # run directories and checkpoints

@@ -22,6 +22,7 @@ ALGORITHMS = {
     "truncated": ["hypergrad=truncated", "problem.inner_steps=2", "inner_opt.learn=[lr]"],
     "imaml": ["algorithm=imaml", "problem.inner_steps=3"],
     "es_single_online": ["hypergrad=es_single", "hypergrad.update=truncation", "problem.inner_steps=2"],
+    "ml3_regression": ["inner_loss=ml3_regression", "init=fixed", "inner_loss.hidden=[8]"],
 }
 
 
@@ -99,6 +100,7 @@ def test_each_algorithm_runs(runs, name):
         "truncated": ("maml", "truncated"),
         "imaml": ("imaml", "implicit_cg"),
         "es_single_online": ("maml", "es_single"),
+        "ml3_regression": ("maml", "unrolled"),
     }[name]
     assert (metrics["algorithm"], metrics["hypergrad"]) == expected
     # per-truncation updates: K = 1 of T = 2 steps gives two outer updates per meta-step
@@ -108,6 +110,7 @@ def test_each_algorithm_runs(runs, name):
     assert any(key.startswith("pretrained/") for key in metrics) == (name == "maml")  # baseline.enabled=false
     checkpoint = torch.load(run.dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ("inner_opt" in checkpoint["meta"]) == (name in ("metasgd", "truncated"))  # learned inner rates are phi
+    assert ("inner_loss" in checkpoint["meta"]) == (name == "ml3_regression")  # a learned loss is phi
 
 
 def test_same_seed_gives_identical_metrics(runs):
@@ -160,3 +163,18 @@ def test_a_sweep_over_a_config_group_runs_every_job(tmp_path):
         "maml",
         "fomaml",
     ]
+
+
+def test_a_learned_loss_run_is_meta_tested_from_its_checkpoint(runs, tmp_path):
+    """inner_loss=ml3_regression init=fixed: phi is the loss alone; meta_test.py rebuilds the loss
+    from the checkpoint and reproduces the run's own meta-test numbers."""
+    from script_runner import META_TEST, run_script
+
+    run = runs["ml3_regression"]
+    assert run.returncode == 0, run.explain()
+    assert (run.metrics()["init"], run.metrics()["inner_loss"]) == ("fixed", "ml3_regression")
+    tested = run_script(tmp_path / "test", ["progress=false", "threads=1", "test.num_tasks=5",
+                                            f"checkpoint={run.dir / 'checkpoint.pt'}"], script=META_TEST)  # fmt: skip
+    assert tested.returncode == 0, tested.explain()
+    for t in (0, 1, 10):
+        assert tested.metrics()[f"loss_step{t}"] == run.metrics()[f"meta/loss_step{t}"]
