@@ -41,6 +41,7 @@ from metaloss.baselines import train_jointly  # noqa: E402
 from metaloss.checkpoint import save_checkpoint  # noqa: E402
 from metaloss.engine import MetaTrainer, NonFiniteError, evaluate  # noqa: E402
 from metaloss.errors import ConfigError  # noqa: E402
+from metaloss.io import FAMILIES, save_meta_object  # noqa: E402
 from metaloss.losses import get_loss  # noqa: E402
 
 
@@ -115,6 +116,11 @@ def main(cfg: DictConfig) -> None:
         fail(f"{err}; stopped: {kept} (lower the learning rates, or raise train.max_bad_steps)", code=3)
     run = trainer.run
     train_seconds = time.time() - started
+    saved = []
+    with output_errors(run_dir):
+        for name, module in problem.meta_modules().items():
+            if type(module) in FAMILIES.values():  # e.g. a learned loss, for scripts/train.py or load_loss
+                saved.append(save_meta_object(module, run_dir / f"{name}.safetensors").name)
 
     metrics: dict[str, object] = {
         "task": choices.task,
@@ -126,6 +132,7 @@ def main(cfg: DictConfig) -> None:
         "outer_updates": run.outer_updates,
         "skipped_updates": run.skipped_updates,
         "resumed_from_step": None if resume_from is None else int(resume_from["run"]["step"]),
+        "saved_meta_objects": saved,
         "test_tasks": settings.test.num_tasks,
         "train_seconds": round(train_seconds, 2),
         "sample_seconds": round(run.sample_seconds, 2),

@@ -32,7 +32,12 @@ class ML3Loss(nn.Module):
 
     def __init__(self, hidden: Sequence[int] = (50, 50)) -> None:
         super().__init__()
+        self.hidden = [int(h) for h in hidden]
         self.net = MLP(2, hidden, 1)
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this module (`metaloss.io`)."""
+        return {"hidden": self.hidden}
 
     def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         _class_indices(target, type(self).__name__)
@@ -55,8 +60,11 @@ class ML3RegressionLoss(nn.Module):
         if in_features < 1 or out_features < 1:
             raise ConfigError(f"ML3 regression loss needs in_features, out_features >= 1, got {in_features}, "
                               f"{out_features}")  # fmt: skip
-        self.in_features = in_features
+        self.in_features, self.out_features, self.hidden = in_features, out_features, [int(h) for h in hidden]
         self.net = MLP(in_features + 2 * out_features, hidden, 1)
+
+    def config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "hidden": self.hidden}
 
     def forward(self, prediction: Tensor, target: Tensor, context: LossContext, reduction: str = "mean") -> Tensor:
         x = context.inputs.reshape(len(prediction), -1)  # [n, d_x]
@@ -85,6 +93,9 @@ class TaylorGLOLoss(nn.Module):
             raise ConfigError(f"TaylorGLO has 6 coefficients (and a 2-number centre), got {len(coefficients)}")
         self.centre = nn.Parameter(torch.tensor([float(c) for c in centre]))
         self.coefficients = nn.Parameter(torch.tensor([float(c) for c in coefficients]))
+
+    def config(self) -> dict:  # the values live in the weights; these only give the shapes
+        return {}
 
     def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         _class_indices(target, type(self).__name__)

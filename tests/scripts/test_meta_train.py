@@ -178,3 +178,10 @@ def test_a_learned_loss_run_is_meta_tested_from_its_checkpoint(runs, tmp_path):
     assert tested.returncode == 0, tested.explain()
     for t in (0, 1, 10):
         assert tested.metrics()[f"loss_step{t}"] == run.metrics()[f"meta/loss_step{t}"]
+    # the learned loss is also saved as a file of its own, bit-exact with the checkpoint's phi
+    from metaloss.io import load_loss
+
+    assert run.metrics()["saved_meta_objects"] == ["inner_loss.safetensors"]
+    loaded = load_loss(run.dir / "inner_loss.safetensors").state_dict()
+    saved = torch.load(run.dir / "checkpoint.pt", weights_only=True)["meta"]["inner_loss"]
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
