@@ -83,6 +83,35 @@ class MetaTestSettings:
     test: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class OrdinaryTrainSettings:
+    steps: int = 2000
+    batch_size: int = 100
+    lr: float = 0.05
+    momentum: float = 0.9
+    log_every: int = 50
+    checkpoint_every: int = 500
+    max_bad_steps: int = 10
+
+
+@dataclass
+class ModelSettings:
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+
+
+@dataclass
+class TrainScriptSettings:
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    threads: Optional[int] = None  # noqa: UP045
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: OrdinaryTrainSettings = field(default_factory=OrdinaryTrainSettings)
+    checkpoint: bool = True
+    resume: Optional[str] = None  # noqa: UP045
+    overwrite: bool = False
+
+
 DTYPES = ("float32", "float64")
 BATCHNORM = ("transductive", "frozen")
 
@@ -248,3 +277,21 @@ def _matches(value: Any, kind: type) -> bool:
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, kind)
+
+
+def validate_train(cfg: DictConfig) -> TrainScriptSettings:
+    """Types and ranges of train.py's settings; raises ConfigError (one line)."""
+    s: TrainScriptSettings = typed(cfg, TrainScriptSettings)
+    t = s.train
+    _require(s.threads is None or s.threads >= 1, f"threads must be >= 1 or null, got {s.threads}")
+    check_device(s.device)
+    _require(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
+    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _require(t.lr > 0 and t.momentum >= 0, f"train.lr must be > 0 and train.momentum >= 0, got {t.lr}, {t.momentum}")
+    _require(t.log_every >= 1 and t.checkpoint_every >= 0 and t.max_bad_steps >= 1,
+             "train.log_every and train.max_bad_steps must be >= 1, train.checkpoint_every >= 0")  # fmt: skip
+    _require(all(h >= 1 for h in s.model.hidden), f"model.hidden must be positive, got {s.model.hidden}")
+    for group in ("data", "loss"):
+        if group in cfg and isinstance(cfg[group], DictConfig):
+            check_target_types(cfg[group], group)
+    return s

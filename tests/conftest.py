@@ -281,3 +281,29 @@ def make_omniglot():
 def make_lake_runs():
     """`write_lake_runs` (one-shot runs in the all_runs.zip layout), for fixtures of any scope."""
     return write_lake_runs
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST fixtures
+
+
+def write_fashion_mnist_split(
+    root: Path, prefix: str, n: int, gz: bool, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """`{prefix}-images-idx3-ubyte` and `{prefix}-labels-idx1-ubyte` (gzipped or not) with n random
+    28x28 images and labels in 0..9; returns (images, labels)."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    for name, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+        data = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+        (root / (f"{name}.gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def make_fashion_mnist_split():
+    """`write_fashion_mnist_split`, for fixtures of any scope."""
+    return write_fashion_mnist_split

@@ -13,6 +13,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "meta_train.py"
 META_TEST = REPO_ROOT / "scripts" / "meta_test.py"
+TRAIN = REPO_ROOT / "scripts" / "train.py"
 MINI_FILES = ("mini-imagenet-cache-train.pkl", "mini-imagenet-cache-validation.pkl", "mini-imagenet-cache-test.pkl")
 TINY = [
     "progress=false",

@@ -27,10 +27,10 @@ SCENARIOS = {
 }
 
 
-def killed_after_first_checkpoint(run_dir: Path, overrides: list[str]) -> int:
+def killed_after_first_checkpoint(run_dir: Path, overrides: list[str], script: Path = SCRIPT) -> int:
     """Start a run, SIGKILL it as soon as its first checkpoint exists; returns its exit status."""
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), f"hydra.run.dir={run_dir}", *overrides],
+        [sys.executable, str(script), f"hydra.run.dir={run_dir}", *overrides],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -19,23 +19,10 @@ def idx_bytes(array: np.ndarray, kind: int = 0x08) -> bytes:
     return bytes([0, 0, kind, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
-def write_split(root: Path, prefix: str, n: int, gz: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    for name, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
-        data = idx_bytes(array)
-        if gz:
-            (root / f"{name}.gz").write_bytes(gzip.compress(data))
-        else:
-            (root / name).write_bytes(data)
-    return images, labels
-
-
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzipped"])
-def test_reads_both_splits_exactly(tmp_path, gz):
-    train = write_split(tmp_path, "train", 7, gz, seed=1)
-    test = write_split(tmp_path, "t10k", 3, gz, seed=2)
+def test_reads_both_splits_exactly(tmp_path, gz, make_fashion_mnist_split):
+    train = make_fashion_mnist_split(tmp_path, "train", 7, gz, seed=1)
+    test = make_fashion_mnist_split(tmp_path, "t10k", 3, gz, seed=2)
     for split, (images, labels) in (("train", train), ("test", test)):
         got_images, got_labels = load_fashion_mnist(tmp_path, split)
         assert got_images.dtype == np.uint8 and got_images.shape == (len(labels), 28, 28)
@@ -43,8 +30,8 @@ def test_reads_both_splits_exactly(tmp_path, gz):
         assert got_labels.dtype == np.int64
 
 
-def test_bad_files_are_one_line_errors(tmp_path):
-    images, labels = write_split(tmp_path, "train", 4, gz=False)
+def test_bad_files_are_one_line_errors(tmp_path, make_fashion_mnist_split):
+    images, labels = make_fashion_mnist_split(tmp_path, "train", 4, gz=False)
     name = "train-images-idx3-ubyte"
     good = (tmp_path / name).read_bytes()
     cases = {

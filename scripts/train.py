@@ -1,0 +1,115 @@
+"""Ordinary training (no meta-learning) of an MLP classifier with a chosen or a learned loss:
+
+    python scripts/train.py data=mnist1d loss=poly1
+    python scripts/train.py data=fashion_mnist loss=learned loss.path=outputs/.../inner_loss.safetensors
+
+A plain SGD-with-momentum loop over shuffled minibatches, through the one outer loop, so it logs to
+TensorBoard, checkpoints, resumes exactly and stops on non-finite steps like meta_train.py. Test
+accuracy and cross-entropy go to metrics.json and the last stdout line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    config_errors,
+    exit_after_sweep,
+    fail,
+    finish,
+    one_job,
+    output_errors,
+    precheck,
+    prepare_run_dir,
+    resolved,
+)
+from settings import validate_train  # noqa: E402
+
+from metaloss.checkpoint import save_checkpoint  # noqa: E402
+from metaloss.engine import MetaTrainer, NonFiniteError  # noqa: E402
+from metaloss.logging import TensorBoardLogger  # noqa: E402
+from metaloss.models import MLP  # noqa: E402
+from metaloss.training import MinibatchGradient, TrainingProblem, evaluate_classifier  # noqa: E402
+from tasks.classification import MinibatchSampler  # noqa: E402
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@one_job
+def main(cfg: DictConfig) -> None:
+    started = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    choices = HydraConfig.get().runtime.choices
+    with config_errors():
+        settings = validate_train(cfg)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    config, t = resolved(cfg), settings.train
+    with config_errors():
+        torch.manual_seed(settings.seed)
+        data = instantiate(cfg.data)
+        loss = instantiate(cfg.loss)
+        model = MLP(data.in_features, settings.model.hidden, data.n_classes).to(settings.device)
+        problem = TrainingProblem(model, loss)
+        optimizer = torch.optim.SGD(problem.meta_parameters(), lr=t.lr, momentum=t.momentum)
+        sampler = MinibatchSampler(data.x_train, data.y_train, t.batch_size, settings.seed)
+        trainer = MetaTrainer(problem, MinibatchGradient(), optimizer, sampler, device=settings.device,
+                              max_bad_steps=t.max_bad_steps)  # type: ignore[arg-type]  # fmt: skip
+        resume_from = prepare_run_dir(run_dir, config, settings.resume, settings.overwrite)
+        if resume_from is not None:
+            trainer.load_state_dict(resume_from)
+            print(f"resuming at step {trainer.run.step} of {t.steps}", file=sys.stderr)
+        with output_errors(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ".hydra").mkdir(exist_ok=True)
+            if not (run_dir / ".hydra" / "config.yaml").exists():
+                OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+            logger = TensorBoardLogger(run_dir / "tensorboard", purge_step=trainer.run.step if resume_from else None)
+    checkpoint_path = run_dir / "checkpoint.pt"
+
+    def save(trainer: MetaTrainer) -> None:
+        if settings.checkpoint:
+            with output_errors(run_dir):
+                save_checkpoint(checkpoint_path, {**trainer.state_dict(), "config": config})
+
+    try:
+        with config_errors():
+            trainer.train(t.steps, logger=logger, log_every=t.log_every, progress=settings.progress, checkpoint=save,
+                          checkpoint_every=t.checkpoint_every)  # fmt: skip
+    except NonFiniteError as err:
+        logger.close()
+        fail(f"{err}; stopped: the last checkpoint is {checkpoint_path} (lower train.lr)", code=3)
+    x_test, y_test = data.x_test.to(settings.device), data.y_test.to(settings.device)
+    test = evaluate_classifier(model, x_test, y_test)
+    train = evaluate_classifier(model, data.x_train.to(settings.device), data.y_train.to(settings.device))
+    logger.log(t.steps, test, prefix="test/")
+    logger.close()
+    metrics = {
+        "data": choices.data,
+        "loss": choices.loss,
+        "steps": t.steps,
+        "skipped_updates": trainer.run.skipped_updates,
+        "resumed_from_step": None if resume_from is None else int(resume_from["run"]["step"]),
+        "test_accuracy": test["accuracy"],
+        "test_cross_entropy": test["loss"],
+        "train_accuracy": train["accuracy"],
+        "train_cross_entropy": train["loss"],
+        "total_seconds": round(time.time() - started, 2),
+    }
+    with output_errors(run_dir):
+        finish(run_dir, metrics)
+
+
+if __name__ == "__main__":
+    precheck(sys.argv[1:], "train", validate_train)
+    main()
+    exit_after_sweep()

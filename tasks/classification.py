@@ -1,0 +1,67 @@
+"""Labelled datasets for ordinary training (and, later, noisy-label episodes): arrays in, a
+minibatch sampler out. Readers stay in `tasks/datasets/`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metaloss.errors import ConfigError
+from metaloss.types import Episode
+from tasks.base import episode_generator
+
+
+@dataclass
+class LabelledData:
+    """x_train [N, d] float, y_train [N] class indices, and the same for the test set."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    n_classes: int
+
+    @property
+    def in_features(self) -> int:
+        return int(self.x_train[0].numel())
+
+
+def fashion_mnist_data(root: str = "/usr/share/datasets/fashion-mnist", train_limit: int | None = None) -> LabelledData:
+    """Fashion-MNIST as flat [N, 784] vectors in [0, 1]; `train_limit`: the first rows only."""
+    from tasks.datasets.fashion_mnist import load_fashion_mnist
+
+    (xs, ys), (xt, yt) = load_fashion_mnist(root, "train", "data.root"), load_fashion_mnist(root, "test", "data.root")
+    xs, ys = (xs, ys) if train_limit is None else (xs[:train_limit], ys[:train_limit])
+    flat = lambda a: torch.from_numpy(a.reshape(len(a), -1).astype("float32") / 255.0)  # noqa: E731
+    return LabelledData("fashion_mnist", flat(xs), torch.from_numpy(ys), flat(xt), torch.from_numpy(yt), 10)
+
+
+def mnist1d_data(cache_dir: str | None = None) -> LabelledData:
+    """MNIST-1D: [4000, 40] training and [1000, 40] test sequences, 10 classes."""
+    from tasks.datasets.mnist1d import load_mnist1d
+
+    d = load_mnist1d(cache_dir)
+    f = lambda a: torch.from_numpy(a).float()  # noqa: E731
+    return LabelledData("mnist1d", f(d["x"]), torch.from_numpy(d["y"]).long(), f(d["x_test"]),
+                        torch.from_numpy(d["y_test"]).long(), 10)  # fmt: skip
+
+
+class MinibatchSampler:
+    """Minibatch `i` of ordinary training as an episode (support = query = the batch): epochs are
+    permutations drawn from (seed, epoch), so batch i is a pure function of (seed, i) and a resumed
+    run reads the same batches."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int = 0) -> None:
+        if batch_size < 1 or batch_size > len(x):
+            raise ConfigError(f"batch_size must be in [1, {len(x)}], got {batch_size}")
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.per_epoch = len(x) // batch_size  # the last incomplete batch of an epoch is dropped
+
+    def episode(self, index: int) -> Episode:
+        epoch, k = divmod(index, self.per_epoch)
+        order = torch.randperm(len(self.x), generator=episode_generator(self.seed, epoch))
+        rows = order[k * self.batch_size : (k + 1) * self.batch_size]
+        return Episode(self.x[rows], self.y[rows], self.x[rows], self.y[rows])
