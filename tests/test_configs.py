@@ -65,10 +65,24 @@ def omniglot_overrides(tmp_path_factory, make_omniglot, make_lake_runs) -> dict[
     }
 
 
+TRAIN_GROUPS = ("data", "loss")  # scripts/train.py's groups (configs/train.yaml)
+
+
 def test_every_group_directory_is_covered():
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
-    assert groups == set(GROUPS) | {"experiment"}  # experiments: tests/test_experiments.py
+    assert groups == set(GROUPS) | set(TRAIN_GROUPS) | {"experiment"}  # experiments: tests/test_experiments.py
     assert all(any(g == group for g, _ in OPTIONS) for group in GROUPS)
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, p.stem) for g in TRAIN_GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
+)
+def test_every_train_option_composes(group, option):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"{group}={option}"])
+    assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(
+        OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
+    )
 
 
 def test_defaults():
