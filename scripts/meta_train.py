@@ -42,7 +42,9 @@ from metaloss.checkpoint import save_checkpoint  # noqa: E402
 from metaloss.engine import MetaTrainer, NonFiniteError, evaluate  # noqa: E402
 from metaloss.errors import ConfigError  # noqa: E402
 from metaloss.io import FAMILIES, save_meta_object  # noqa: E402
+from metaloss.logging import TensorBoardLogger  # noqa: E402
 from metaloss.losses import get_loss  # noqa: E402
+from metaloss.plots import loss_figure, save_loss_plot  # noqa: E402
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -121,6 +123,12 @@ def main(cfg: DictConfig) -> None:
         for name, module in problem.meta_modules().items():
             if type(module) in FAMILIES.values():  # e.g. a learned loss, for scripts/train.py or load_loss
                 saved.append(save_meta_object(module, run_dir / f"{name}.safetensors").name)
+                if name == "inner_loss":  # a look at it, beside the classic loss
+                    n_classes = int(cfg.task.get("n_way", 10))
+                    saved.append(save_loss_plot(module, run_dir / f"{name}.png", n_classes).name)
+                    if isinstance(logger, TensorBoardLogger):
+                        figure = loss_figure(module, n_classes)
+                        logger.writer.add_figure(f"learned/{name}", figure, settings.train.meta_steps)
 
     metrics: dict[str, object] = {
         "task": choices.task,

@@ -181,7 +181,8 @@ def test_a_learned_loss_run_is_meta_tested_from_its_checkpoint(runs, tmp_path):
     # the learned loss is also saved as a file of its own, bit-exact with the checkpoint's phi
     from metaloss.io import load_loss
 
-    assert run.metrics()["saved_meta_objects"] == ["inner_loss.safetensors"]
+    assert run.metrics()["saved_meta_objects"] == ["inner_loss.safetensors", "inner_loss.png"]
+    assert (run.dir / "inner_loss.png").read_bytes()[:4] == b"\x89PNG"
     loaded = load_loss(run.dir / "inner_loss.safetensors").state_dict()
     saved = torch.load(run.dir / "checkpoint.pt", weights_only=True)["meta"]["inner_loss"]
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
