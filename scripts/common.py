@@ -356,3 +356,57 @@ def one_job(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
 def exit_after_sweep() -> None:
     if FAILED_JOBS:
         fail(f"{len(FAILED_JOBS)} job(s) of the sweep failed (see their error lines above)", max(FAILED_JOBS))
+
+
+class RunDirectory:
+    """What a training script does with its run directory, for meta_train.py and train.py alike:
+    accept it (or resume the run it holds) before writing anything there, write the config and
+    the checkpoints, and stop a diverging run with its last good checkpoint."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, resume: str | None, overwrite: bool, checkpoint: bool,
+                 extra: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.dir, self.cfg, self.config = run_dir, cfg, resolved(cfg)
+        self.resume, self.overwrite, self.checkpoint, self.extra = resume, overwrite, checkpoint, extra or {}
+        self.checkpoint_path = run_dir / "checkpoint.pt"
+        self.resumed_from: int | None = None
+
+    def open(self, trainer: Any, total: int, unit: str = "meta-step") -> None:
+        """Resume `trainer` from the directory's (or `resume`'s) checkpoint when there is one, then
+        write .hydra/config.yaml and overrides.yaml (once). Raises ConfigError on a refused directory."""
+        from hydra.core.hydra_config import HydraConfig
+
+        state = prepare_run_dir(self.dir, self.config, self.resume, self.overwrite)
+        if state is not None:
+            trainer.load_state_dict(state)
+            self.resumed_from = trainer.run.step
+            print(f"resuming at {unit} {trainer.run.step} of {total}", file=sys.stderr)
+        with output_errors(self.dir):
+            hydra_dir = self.dir / ".hydra"
+            hydra_dir.mkdir(parents=True, exist_ok=True)
+            if not (hydra_dir / "config.yaml").exists():
+                OmegaConf.save(self.cfg, hydra_dir / "config.yaml")
+                OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), hydra_dir / "overrides.yaml")
+
+    def save(self, trainer: Any) -> None:
+        """The trainer's state as the directory's checkpoint (when checkpoints are on)."""
+        from metaloss.checkpoint import save_checkpoint
+
+        if self.checkpoint:
+            with output_errors(self.dir):
+                save_checkpoint(self.checkpoint_path, {**trainer.state_dict(), "config": self.config, **self.extra})
+
+    def train(self, trainer: Any, steps: int, logger: Any, hint: str, **train: Any) -> None:
+        """`trainer.train(steps, ...)` with checkpoints; bad input met on the way is one line and exit 2,
+        divergence (`NonFiniteError`) saves the last good state and exits 3 with `hint`."""
+        from metaloss.engine import NonFiniteError
+
+        try:
+            with config_errors():
+                trainer.train(steps, logger=logger, checkpoint=self.save, **train)
+        except NonFiniteError as err:
+            logger.close()
+            if all(bool(p.isfinite().all()) for p in trainer.problem.meta_parameters()):
+                self.save(trainer)  # skipped updates leave the weights as they were: the last good ones
+            path = self.checkpoint_path
+            kept = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint"
+            fail(f"{err}; stopped: {kept} ({hint})", code=3)

@@ -18,25 +18,22 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    RunDirectory,
     config_errors,
     exit_after_sweep,
-    fail,
     finish,
     one_job,
     output_errors,
     precheck,
-    prepare_run_dir,
-    resolved,
 )
 from settings import validate_train  # noqa: E402
 
-from metaloss.checkpoint import save_checkpoint  # noqa: E402
-from metaloss.engine import MetaTrainer, NonFiniteError  # noqa: E402
+from metaloss.engine import MetaTrainer  # noqa: E402
 from metaloss.logging import TensorBoardLogger  # noqa: E402
 from metaloss.models import MLP  # noqa: E402
 from metaloss.training import MinibatchGradient, TrainingProblem, evaluate_classifier  # noqa: E402
@@ -53,7 +50,8 @@ def main(cfg: DictConfig) -> None:
         settings = validate_train(cfg)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    config, t = resolved(cfg), settings.train
+    t = settings.train
+    directory = RunDirectory(run_dir, cfg, settings.resume, settings.overwrite, settings.checkpoint)
     with config_errors():
         torch.manual_seed(settings.seed)
         data = instantiate(cfg.data)
@@ -64,30 +62,11 @@ def main(cfg: DictConfig) -> None:
         sampler = MinibatchSampler(data.x_train, data.y_train, t.batch_size, settings.seed)
         trainer = MetaTrainer(problem, MinibatchGradient(), optimizer, sampler, device=settings.device,
                               max_bad_steps=t.max_bad_steps)  # type: ignore[arg-type]  # fmt: skip
-        resume_from = prepare_run_dir(run_dir, config, settings.resume, settings.overwrite)
-        if resume_from is not None:
-            trainer.load_state_dict(resume_from)
-            print(f"resuming at step {trainer.run.step} of {t.steps}", file=sys.stderr)
+        directory.open(trainer, t.steps, unit="step")
         with output_errors(run_dir):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / ".hydra").mkdir(exist_ok=True)
-            if not (run_dir / ".hydra" / "config.yaml").exists():
-                OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-            logger = TensorBoardLogger(run_dir / "tensorboard", purge_step=trainer.run.step if resume_from else None)
-    checkpoint_path = run_dir / "checkpoint.pt"
-
-    def save(trainer: MetaTrainer) -> None:
-        if settings.checkpoint:
-            with output_errors(run_dir):
-                save_checkpoint(checkpoint_path, {**trainer.state_dict(), "config": config})
-
-    try:
-        with config_errors():
-            trainer.train(t.steps, logger=logger, log_every=t.log_every, progress=settings.progress, checkpoint=save,
-                          checkpoint_every=t.checkpoint_every)  # fmt: skip
-    except NonFiniteError as err:
-        logger.close()
-        fail(f"{err}; stopped: the last checkpoint is {checkpoint_path} (lower train.lr)", code=3)
+            logger = TensorBoardLogger(run_dir / "tensorboard", purge_step=directory.resumed_from)
+    directory.train(trainer, t.steps, logger, "lower train.lr", log_every=t.log_every, progress=settings.progress,
+                    checkpoint_every=t.checkpoint_every)  # fmt: skip
     x_test, y_test = data.x_test.to(settings.device), data.y_test.to(settings.device)
     test = evaluate_classifier(model, x_test, y_test)
     train = evaluate_classifier(model, data.x_train.to(settings.device), data.y_train.to(settings.device))
@@ -98,7 +77,7 @@ def main(cfg: DictConfig) -> None:
         "loss": choices.loss,
         "steps": t.steps,
         "skipped_updates": trainer.run.skipped_updates,
-        "resumed_from_step": None if resume_from is None else int(resume_from["run"]["step"]),
+        "resumed_from_step": directory.resumed_from,
         "test_accuracy": test["accuracy"],
         "test_cross_entropy": test["loss"],
         "train_accuracy": train["accuracy"],
