@@ -153,6 +153,18 @@ def output_errors(run_dir: Path) -> Iterator[None]:
         fail(f"cannot write to the run directory: {where}: {err.strerror or err}{kept}", code=4)
 
 
+def start_job(cfg: DictConfig, validate: Callable[[DictConfig], Any]) -> tuple[Any, Path]:
+    """A script's first lines: its validated settings (one line and exit 2 when bad), torch's thread
+    count set from them, and the job's run directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with config_errors():
+        settings = validate(cfg)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return settings, Path(HydraConfig.get().runtime.output_dir)
+
+
 def dtype_of(cfg: DictConfig) -> torch.dtype:
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")

@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     one_job,
     output_errors,
     precheck,
+    start_job,
 )
 from settings import validate_meta_test  # noqa: E402
 
@@ -60,11 +61,7 @@ def results_name(run_dir: Path) -> str:
 @one_job
 def main(cfg: DictConfig) -> None:
     started = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with config_errors():
-        settings = validate_meta_test(cfg)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    settings, run_dir = start_job(cfg, validate_meta_test)
     with config_errors():
         if not Path(cfg.checkpoint).is_file():
             raise ConfigError(f"checkpoint not found: {Path(cfg.checkpoint).resolve()} (set checkpoint=PATH)")

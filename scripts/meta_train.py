@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     one_job,
     output_errors,
     precheck,
+    start_job,
 )
 from settings import validate_meta_train  # noqa: E402
 
@@ -48,12 +49,8 @@ from metaloss.plots import loss_figure, save_loss_plot  # noqa: E402
 @one_job
 def main(cfg: DictConfig) -> None:
     started = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    settings, run_dir = start_job(cfg, validate_meta_train)
     choices = HydraConfig.get().runtime.choices
-    with config_errors():
-        settings = validate_meta_train(cfg)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     group_choices = {k: v for k, v in choices.items() if isinstance(v, str) and "/" not in k}
     directory = RunDirectory(run_dir, cfg, settings.resume, settings.overwrite, settings.checkpoint,
                              extra={"choices": group_choices})  # fmt: skip

@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     one_job,
     output_errors,
     precheck,
+    start_job,
 )
 from settings import validate_train  # noqa: E402
 
@@ -44,12 +45,8 @@ from tasks.classification import MinibatchSampler  # noqa: E402
 @one_job
 def main(cfg: DictConfig) -> None:
     started = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    settings, run_dir = start_job(cfg, validate_train)
     choices = HydraConfig.get().runtime.choices
-    with config_errors():
-        settings = validate_train(cfg)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     t = settings.train
     directory = RunDirectory(run_dir, cfg, settings.resume, settings.overwrite, settings.checkpoint)
     with config_errors():
