@@ -20,15 +20,20 @@ from torch import nn
 
 from metaloss.checkpoint import atomic_write
 from metaloss.errors import ConfigError
-from metaloss.meta.loss import ML3Loss, ML3RegressionLoss, TaylorGLOLoss
+from metaloss.meta.loss import ML3Loss, ML3RegressionLoss, NPBMLLoss, TaylorGLOLoss
+from metaloss.meta.optimizer import MLPUpdateRule, WarpPreconditioner
 
 FORMAT, VERSION = "metaloss-meta-object", 1
 FAMILIES: dict[str, type[nn.Module]] = {
     "ml3": ML3Loss,
     "ml3_regression": ML3RegressionLoss,
     "taylorglo": TaylorGLOLoss,
+    "npbml": NPBMLLoss,
+    "warp": WarpPreconditioner,
+    "mlp_update_rule": MLPUpdateRule,
 }
-KINDS = {"ml3": "loss", "ml3_regression": "loss", "taylorglo": "loss"}
+KINDS = {"ml3": "loss", "ml3_regression": "loss", "taylorglo": "loss", "npbml": "loss", "warp": "optimizer",
+         "mlp_update_rule": "optimizer"}  # fmt: skip
 
 
 class MetaObjectError(ConfigError):
@@ -99,7 +104,13 @@ def load_meta_object(path: str | Path, kind: str | None = None, family: str | No
     return module
 
 
+def load_optimizer(path: str | Path) -> nn.Module:
+    """A saved learned inner optimizer: a module whose `forward()` returns the pure
+    `(init, update)` pair (`metaloss.inner.optim.InnerOptimizer`)."""
+    return load_meta_object(path, kind="optimizer")
+
+
 def load_loss(path: str | Path) -> nn.Module:
     """A saved learned loss as a criterion: `criterion(prediction, target) -> scalar` (ML3's
-    regression form also takes a `LossContext`)."""
+    regression form and NPBML's task-adaptive loss also take a `LossContext`)."""
     return load_meta_object(path, kind="loss").eval()

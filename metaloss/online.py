@@ -214,7 +214,7 @@ class EpisodeSystem:
         losses, particles = [], []
         for i, carried in enumerate(state["particles"]):
             problem = self.problem.with_meta_parameters([p[i] for p in phi])
-            w0, frozen = problem.initial_params()
+            w0, frozen = problem.initial_params(self.episode)
             if carried is None:  # the inner problem starts: w0 keeps its graph to phi
                 params, opt_state = w0, None
             else:  # the state carried from the last truncation is cut from the graph
@@ -239,7 +239,7 @@ class EpisodeSystem:
 
         def one(phi_i: list[Tensor], carried_i: Any) -> tuple[Any, list[Tensor], Tensor]:
             problem = self.problem.with_meta_parameters(phi_i)
-            w0, frozen = problem.initial_params()
+            w0, frozen = problem.initial_params(self.episode)
             if carried_i is None:
                 params, opt_state = w0, None
             else:
@@ -253,5 +253,6 @@ class EpisodeSystem:
             return result.params, [v for v in leaves if isinstance(v, Tensor)], self._loss(problem, result, frozen)
 
         inputs = None if carried is None else (carried[0], list(carried[1]))
-        params, tensors, loss = vmap(one, in_dims=(0, None if carried is None else 0))(list(phi), inputs)
+        batched = vmap(one, in_dims=(0, None if carried is None else 0), randomness="same")  # same: one w0 draw
+        params, tensors, loss = batched(list(phi), inputs)
         return {"particles": (params, tensors, kept["template"]), "t": state["t"] + steps}, loss

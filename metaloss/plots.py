@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from metaloss.losses import cross_entropy
 from metaloss.types import Episode, LossContext
@@ -22,7 +22,7 @@ from metaloss.types import Episode, LossContext
 def loss_curves(loss: nn.Module, n_classes: int = 10, points: int = 99) -> dict[str, Any]:
     """{axis name: (x values [points], learned loss [points], reference loss [points])}."""
     dtype = next((p.dtype for p in loss.parameters()), torch.float32)
-    if getattr(loss, "needs_context", False):  # ML3's regression form: input, prediction, target
+    if getattr(loss, "needs_context", False) and hasattr(loss, "in_features"):  # ML3's regression form
         residual = torch.linspace(-3, 3, points, dtype=dtype)
         n_in, n_out = loss.in_features, loss.out_features
         x, target = torch.zeros(points, n_in, dtype=dtype), torch.zeros(points, n_out, dtype=dtype)
@@ -38,7 +38,9 @@ def loss_curves(loss: nn.Module, n_classes: int = 10, points: int = 99) -> dict[
     by_margin = torch.cat([margin.unsqueeze(-1), torch.zeros(points, n_classes - 1, dtype=dtype)], -1)
     curves = {}
     for name, axis, logits in (("true-class probability", p, by_probability), ("logit margin", margin, by_margin)):
-        curves[name] = (axis, loss(logits, target, reduction="none"), cross_entropy(logits, target, reduction="none"))
+        context = () if not getattr(loss, "needs_context", False) else (_self_context(logits, target),)
+        curves[name] = (axis, loss(logits, target, *context, reduction="none"),
+                        cross_entropy(logits, target, reduction="none"))  # fmt: skip
     return curves
 
 
@@ -70,3 +72,10 @@ def save_loss_plot(loss: nn.Module, path: str | Path, n_classes: int = 10) -> Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _self_context(logits: Tensor, target: Tensor) -> LossContext:
+    """A context for a task-adaptive classification loss (NPBML's) on a grid of logits: the grid is
+    its own query set, and there are no weights to regularise."""
+    episode = Episode(logits, target, logits, target)
+    return LossContext(logits, {}, None, episode, lambda x: x)

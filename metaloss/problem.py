@@ -25,7 +25,7 @@ from metaloss.inner.optim import InnerOptimizer
 from metaloss.types import Episode, LossContext, Params
 
 Loss = Callable[[Tensor, Tensor], Tensor]
-META_OBJECTIVES = ("query", "inner_mean")
+META_OBJECTIVES = ("query", "inner_mean", "target_params")
 
 
 @dataclass
@@ -39,7 +39,9 @@ class BilevelProblem:
     inner_batch_size: minibatch size of inner SGD over the support set (None: full batch);
     meta_objective: "query" (L_outer on the query set after adaptation) or "inner_mean" (the mean
     inner loss along the trajectory, (1/T) sum_t L_in(w_t), as in learned-optimizer and
-    learning-rate meta-learning, e.g. the MNIST-1D paper);
+    learning-rate meta-learning, e.g. the MNIST-1D paper), or "target_params" (the squared distance
+    sum_i (w_T,i - w*_i)^2 of the adapted parameters to the task's true ones, which a sampler that
+    knows them puts in `episode.meta["target_params"]`, as in ML3's shaped-sine experiment);
     reuse_features: when only the head adapts (ANIL), compute the body's support features once
     per inner loop instead of at every step (the model names its parts with `split()`; needs the
     full support batch, so not with `inner_batch_size`). Exact: the body does not change."""
@@ -148,9 +150,10 @@ class BilevelProblem:
         for k, m in self._saved_modules().items():
             m.load_state_dict(state[k])
 
-    def initial_params(self) -> tuple[Params, Params]:
-        """w0(phi) split into (adapted, frozen) parameters."""
-        w0 = self.init()
+    def initial_params(self, episode: Episode | None = None) -> tuple[Params, Params]:
+        """w0(phi) split into (adapted, frozen) parameters. An init that sets `needs_episode = True`
+        (a fresh random initialisation per episode) is called with the episode."""
+        w0 = self.init(episode) if getattr(self.init, "needs_episode", False) else self.init()
         adapted = {n: p for n, p in w0.items() if self._adapted(n)}
         frozen = {n: p for n, p in w0.items() if not self._adapted(n)}
         return adapted, frozen
@@ -170,7 +173,7 @@ class BilevelProblem:
     ) -> tuple[Params, InnerResult]:
         """Run the inner loop on the support set; returns (all parameters after adaptation, loop result).
         functional: `torch.func` inner gradients and no graph (vmap-able; see `run_inner_loop`)."""
-        adapted, frozen = self.initial_params()
+        adapted, frozen = self.initial_params(episode)
 
         def on_step_full(t: int, params: Params) -> None:
             assert on_step is not None
@@ -224,18 +227,21 @@ class BilevelProblem:
             if self.inner_batch_size is not None and t is not None:
                 rows = torch.arange(t * self.inner_batch_size, (t + 1) * self.inner_batch_size) % len(x)
                 x, y = x[rows], y[rows]  # [B, ...]
-            loss = self._inner_loss(self.predict({**frozen, **params}, x), y, x, params, t, episode)
+            loss = self._inner_loss(self.predict({**frozen, **params}, x), y, x, params, frozen, t, episode)
             if self.inner_regularizer is not None:
                 loss = loss + self.inner_regularizer(params, w0)
             return loss
 
         return support_loss
 
-    def _inner_loss(self, prediction: Tensor, target: Tensor, inputs: Tensor, params: Params, t: int | None,
-                    episode: Episode) -> Tensor:  # fmt: skip
+    def _inner_loss(self, prediction: Tensor, target: Tensor, inputs: Tensor, params: Params, frozen: Params,
+                    t: int | None, episode: Episode) -> Tensor:  # fmt: skip
         """L_inner on a batch: (prediction, target), plus a `LossContext` for a loss that asks for one."""
         if getattr(self.inner_loss, "needs_context", False):
-            return self.inner_loss(prediction, target, LossContext(inputs, params, t, episode))
+            def predict(x: Tensor) -> Tensor:
+                return self.predict({**frozen, **params}, x)
+
+            return self.inner_loss(prediction, target, LossContext(inputs, params, t, episode, predict))
         return self.inner_loss(prediction, target)
 
     def _head_only(self) -> tuple[str, str] | None:
@@ -262,7 +268,7 @@ class BilevelProblem:
 
         def support_loss(params: Params, t: int | None = None) -> Tensor:
             prediction = functional_call(head_module, part(params, head), (features,), strict=False)
-            loss = self._inner_loss(prediction, y, episode.support_x, params, t, episode)
+            loss = self._inner_loss(prediction, y, episode.support_x, params, frozen, t, episode)
             if self.inner_regularizer is not None:
                 loss = loss + self.inner_regularizer(params, w0)
             return loss
@@ -280,13 +286,30 @@ class BilevelProblem:
         return trajectory, metrics
 
     def query_loss(self, params: Params, episode: Episode) -> tuple[Tensor, dict[str, Tensor]]:
-        """L_outer on the query set with adapted `params`, and detached metrics."""
+        """L_outer on the query set with adapted `params`, and detached metrics; with
+        meta_objective="target_params", the distance to the task's true parameters instead (the
+        query loss is then a metric, `query_loss`)."""
         prediction = self.predict(params, episode.query_x)
         loss = self.outer_loss(prediction, episode.query_y)
         metrics = {"loss": loss.detach()}
         if self.metric is not None:
             metrics[self.metric_name] = self.metric(prediction.detach(), episode.query_y)
+        if self.meta_objective == "target_params":
+            metrics["query_loss"] = metrics["loss"]
+            loss = self.target_distance(params, episode)
+            metrics["loss"] = loss.detach()
         return loss, metrics
+
+    def target_distance(self, params: Params, episode: Episode) -> Tensor:
+        """sum_i (w_i - w*_i)^2 over the parameters named in `episode.meta["target_params"]`."""
+        target = episode.meta.get("target_params")
+        if not target:
+            raise ConfigError('meta_objective="target_params" needs episodes whose meta holds "target_params" '
+                              "(the task's true parameters); this task's do not")  # fmt: skip
+        unknown = sorted(set(target) - set(params))
+        if unknown:
+            raise ConfigError(f"target_params names {unknown}, not parameters of the model ({sorted(params)})")
+        return sum(((params[n] - w.to(params[n])) ** 2).sum() for n, w in target.items())  # type: ignore[return-value]
 
 
 class WithParameters:

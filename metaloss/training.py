@@ -24,8 +24,8 @@ class TrainingProblem:
 
     def __init__(self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor]) -> None:
         if getattr(loss, "needs_context", False):
-            raise ConfigError(f"{type(loss).__name__} needs a meta-learning context (it is ML3's regression form); "
-                              "ordinary training takes a loss of (logits, targets)")  # fmt: skip
+            raise ConfigError(f"{type(loss).__name__} needs a meta-learning context (inputs, adapted weights or an "
+                              "episode's query set); ordinary training takes a loss of (logits, targets)")  # fmt: skip
         self.model, self.loss = model, loss
 
     def meta_parameters(self) -> list[nn.Parameter]:

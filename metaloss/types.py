@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,10 +72,12 @@ class LossContext:
     """What a learned inner loss may read beyond (prediction, target), given only to losses that set
     `needs_context = True` (the learned-loss contract, `metaloss.meta.loss`): the inputs of the rows
     the prediction is for [n, ...], the adapted parameters w_t, the global inner step t (None: the
-    full objective) and the episode (its query inputs, for a transductive term; never its hidden
-    metadata)."""
+    full objective), the episode (its query inputs, for a transductive term; never its hidden
+    metadata) and `predict(x)`, the model with w_t (and the frozen parameters) on other inputs, e.g.
+    the query logits a transductive term scores."""
 
     inputs: Tensor
     params: Params
     step: int | None
     episode: Episode
+    predict: Callable[[Tensor], Tensor] | None = None

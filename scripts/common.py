@@ -220,6 +220,7 @@ def build_problem(
         metric=None if splits.metric is None else get_metric(splits.metric),
         metric_name=splits.metric or "metric",
         inner_regularizer=None if regularizer is None else instantiate_for(model, regularizer).to(cfg.device, dtype),
+        meta_objective=cfg.problem.get("meta_objective", "query"),
     )
 
 

@@ -31,6 +31,7 @@ class ProblemSettings:
     adapt: Optional[list[str]] = None  # noqa: UP045
     inner_regularizer: Optional[Any] = None  # noqa: UP045
     batchnorm: str = "transductive"
+    meta_objective: str = "query"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from metaloss.errors import ConfigError, DataNotFoundError
 from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnline, Implicit, Unrolled
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
-from metaloss.meta import HyperparameterOptimizer, MetaSGD
+from metaloss.meta import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, WarpPreconditioner
 from metaloss.models import MLP, Conv4, ResNet12
 from tasks.base import TaskSplits
 
@@ -134,15 +134,20 @@ def test_hypergrad_instantiates(option):
 def test_inner_opt_instantiates_and_takes_a_first_step_of_its_lr(option):
     cfg = compose_with(f"inner_opt={option}")
     model = MLP(1, [4], 1)
-    module = instantiate(cfg.inner_opt, model=model) if option == "metasgd" else instantiate(cfg.inner_opt)
-    assert isinstance(module, MetaSGD if option == "metasgd" else HyperparameterOptimizer)
+    module = load_common().instantiate_for(model, cfg.inner_opt)
+    kinds = {"metasgd": MetaSGD, "warp": WarpPreconditioner, "mlp_update_rule": MLPUpdateRule}
+    assert isinstance(module, kinds.get(option, HyperparameterOptimizer))
     opt = module()
     assert isinstance(opt, InnerOptimizer)
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     grads = {name: torch.full_like(p, 0.5) for name, p in params.items()}
     new, _ = opt.update(grads, opt.init(params), params)
     for name, p in params.items():
-        # first step of SGD / momentum / Meta-SGD: lr * g; of Adam: lr * g / |g| (bias-corrected)
+        if option == "mlp_update_rule":  # a random MLP's first step: small (step_mult) and finite
+            step = p - new[name]
+            assert torch.isfinite(step).all() and 0 < step.abs().max() < 10 * cfg.inner_opt.step_mult
+            continue
+        # first step of SGD / momentum / Meta-SGD / warp at identity: lr * g; of Adam: lr * g / |g| (bias-corrected)
         step = cfg.inner_opt.lr * (1.0 if option == "adam" else 0.5)
         torch.testing.assert_close(p - new[name], torch.full_like(p, step), rtol=1e-4, atol=1e-7)
 
@@ -294,8 +299,10 @@ def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_roo
     if (group, option) in {("task", "omniglot"), ("task", "omniglot_lake"), ("model", "conv4_omniglot")}:
         task = option if group == "task" else "omniglot"
         overrides += [f"task={task}", *omniglot_overrides[task], "model.filters=4"]
-    if (group, option) == ("init", "fixed"):  # phi must live elsewhere
+    if (group, option) in {("init", "fixed"), ("init", "random")}:  # phi must live elsewhere
         overrides += ["inner_loss=ml3_regression"]
+    if (group, option) in {("algorithm", "npbml"), ("algorithm", "npbml_loss"), ("inner_loss", "npbml")}:
+        overrides += ["task=blobs"]  # NPBML's loss takes its number of classes from task.n_way
     built = load_common().build(compose_with(*overrides))
     assert built.problem.meta_parameters()
     assert len(built.outer_opt.param_groups[0]["params"]) == len(built.problem.meta_parameters())

@@ -1,6 +1,8 @@
 """Every algorithm and hypergradient-estimator config still learns: a short meta-training run of the
 composed config on the sinusoid task (the default task) beats the untrained start on fixed meta-test
-tasks, with non-overlapping 95% confidence intervals of the query MSE after T inner steps.
+tasks, with non-overlapping 95% confidence intervals of the query MSE after T inner steps. The
+classification algorithms (ml3, npbml and its ablations) and the learned update rule run on the
+synthetic few-shot classification task `task=blobs` (query cross-entropy), with T = 3 (at lr 0.1).
 
 A few seconds each on one thread. The settings (outer lr 0.01, meta-steps, meta-batch, T, ES
 particles, test tasks) were checked to pass on seeds 0, 1 and 2; the test runs seed 0.
@@ -34,6 +36,7 @@ COMMON = ("logger=none", "outer_opt.lr=0.01")  # a larger outer lr than the defa
 IMAML = ("algorithm=imaml", "problem.inner_regularizer.strength=20")
 NEUMANN = (*IMAML, "hypergrad=implicit_neumann", "hypergrad.iterations=10", "hypergrad.alpha=0.01")
 PER_TRUNCATION = ("algorithm=maml", "hypergrad=es_single", "hypergrad.update=truncation", "hypergrad.truncation=2")
+BLOBS = ("task=blobs", "inner_opt.lr=0.1", "problem.inner_steps=3")
 SEED = 0
 
 
@@ -65,6 +68,18 @@ CASES = {
     "es_single": Case(("algorithm=maml", "hypergrad=es_single", "hypergrad.particles=32"), 200, 5),
     "es_single_per_truncation": Case(
         (*PER_TRUNCATION, "problem.inner_steps=4", "hypergrad.particles=32"), 100, 5, test_tasks=250
+    ),
+    # classification algorithms and learned optimizers, on task=blobs
+    "ml3": Case((*BLOBS, "algorithm=ml3"), 50, 8, test_tasks=200),
+    "npbml": Case((*BLOBS, "algorithm=npbml"), 25, 8, test_tasks=200),
+    "npbml_loss": Case((*BLOBS, "algorithm=npbml_loss"), 25, 8, test_tasks=200),
+    "npbml_optimizer": Case((*BLOBS, "algorithm=npbml_optimizer"), 40, 8, test_tasks=200),
+    "mlp_update_rule_es_single": Case(
+        ("task=blobs", "problem.inner_steps=3", "init=fixed", "inner_opt=mlp_update_rule")
+        + ("hypergrad=es_single", "hypergrad.particles=16"),
+        40,
+        4,
+        test_tasks=200,
     ),
 }
 

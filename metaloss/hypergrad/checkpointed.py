@@ -45,7 +45,7 @@ class CheckpointedUnrolled(HypergradEstimator):
     def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
         steps = problem.inner_steps
         segment = self.segment or max(1, math.ceil(math.sqrt(steps)))
-        w0, frozen = problem.initial_params()
+        w0, frozen = problem.initial_params(episode)
         optimizer = problem.inner_opt()
         # forward, no graph: checkpoints (w_t, s_t) at t = 0, S, 2S, ...
         checkpoints = []

@@ -79,7 +79,7 @@ class AntitheticES(HypergradEstimator):
 
         stacked = [p.detach() + torch.stack([d[j] for d in perturbations]) for j, p in enumerate(phi)]  # [2N, ...]
         with torch.no_grad():
-            return vmap(outer_loss, chunk_size=self.chunk)(stacked).double()
+            return vmap(outer_loss, chunk_size=self.chunk, randomness="same")(stacked).double()
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         if not episodes:

@@ -57,7 +57,7 @@ class Implicit(HypergradEstimator):
     ) -> tuple[list[Tensor | None], dict[str, Tensor | float]]:
         """scale * d L_out / d phi for one episode, and its metrics."""
         solved, inner = problem.adapt_to(episode, second_order=False, differentiable_steps=0)
-        w0, frozen = problem.initial_params()  # phi-dependent: the graph of the mixed term
+        w0, frozen = problem.initial_params(episode)  # phi-dependent: the graph of the mixed term
         w = {name: solved[name].detach().requires_grad_() for name in w0}
         ws = list(w.values())
         loss, metrics = problem.query_loss({**frozen, **w}, episode)

@@ -1,8 +1,8 @@
 """What is meta-learned. Each object is an ordinary `nn.Module` whose parameters are (part of) phi."""
 
-from metaloss.meta.init import FixedInit, LearnedInit
-from metaloss.meta.loss import ML3Loss, ML3RegressionLoss, TaylorGLOLoss
-from metaloss.meta.optimizer import HyperparameterOptimizer, MetaSGD
+from metaloss.meta.init import FixedInit, LearnedInit, RandomInit
+from metaloss.meta.loss import ML3Loss, ML3RegressionLoss, NPBMLLoss, TaylorGLOLoss
+from metaloss.meta.optimizer import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, WarpPreconditioner
 from metaloss.meta.regularizer import L2Penalty, Proximal
 
 __all__ = [
@@ -11,8 +11,12 @@ __all__ = [
     "L2Penalty",
     "LearnedInit",
     "MetaSGD",
+    "MLPUpdateRule",
     "ML3Loss",
     "ML3RegressionLoss",
+    "NPBMLLoss",
     "Proximal",
+    "RandomInit",
     "TaylorGLOLoss",
+    "WarpPreconditioner",
 ]

@@ -110,3 +110,111 @@ def _class_indices(target: Tensor, name: str) -> None:
     if target.is_floating_point():
         raise ConfigError(f"{name} is a classification loss (class-index targets) but the targets are real numbers; "
                           "for regression use inner_loss=ml3_regression")  # fmt: skip
+
+
+class NPBMLLoss(nn.Module):
+    """NPBML's task-adaptive loss (Raymond et al. 2024, "Meta-Learning Neural Procedural Biases",
+    sec. 4.3), following the paper: three learned terms, each a small network with a softplus
+    output,
+
+        L = mean_{support} softplus(g_ind([z_i, y_i, CE(z_i, y_i)]))                  (inductive)
+          + mean_{query}  softplus(g_tr([z_q, r_q, H(softmax z_q)]))                  (transductive)
+          + mean_{layers} softplus(g_reg([mean w, std w, |w|_1 / n, |w|_2 / sqrt(n)])) (regulariser)
+
+    z: logits [n, K], y: one-hot targets, r_qk: cosine similarity of the query's logits to class
+    k's mean support logits (relation scores), H: entropy, w: each adapted parameter tensor (n its
+    size; the norms are size-normalised so layers of different sizes are comparable). With `film`,
+    every hidden layer h of g_ind and g_tr is modulated, h <- (1 + gamma(tau)) h + beta(tau), by
+    FiLM layers (Perez et al. 2018) conditioned on the task statistics tau (the means of the
+    inductive features over the support rows and of the transductive features over the query
+    rows); gamma and beta start at zero, so FiLM starts as the identity. A term can be switched off
+    (`transductive=False`, `regularizer=False`) for ablations. The query labels are never read.
+    (The public NPBML code comments its FiLM out, calls the inductive network for the transductive
+    term and computes its "L1" with p=2: this follows the paper.)"""
+
+    needs_context = True
+
+    def __init__(self, classes: int | None, hidden: Sequence[int] = (40, 40), transductive: bool = True,
+                 regularizer: bool = True, film: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        if classes is None:
+            raise ConfigError("NPBML's loss is for classification episodes: it needs the number of classes "
+                              "(inner_loss.classes, or a task with n_way)")  # fmt: skip
+        if classes < 2 or not hidden or any(h < 1 for h in hidden):
+            raise ConfigError(f"NPBML loss needs classes >= 2 and hidden sizes >= 1, got {classes}, {list(hidden)}")
+        self.classes, self.hidden = int(classes), [int(h) for h in hidden]
+        self.transductive, self.regularizer, self.film = bool(transductive), bool(regularizer), bool(film)
+        features = 2 * self.classes + 1
+        self.inductive_net = _FiLMNet(features, self.hidden, 2 * features if film else 0)
+        if transductive:
+            self.transductive_net = _FiLMNet(features, self.hidden, 2 * features if film else 0)
+        if regularizer:
+            self.regularizer_net = _FiLMNet(4, self.hidden, 0)
+
+    def config(self) -> dict:
+        return {"classes": self.classes, "hidden": self.hidden, "transductive": self.transductive,
+                "regularizer": self.regularizer, "film": self.film}  # fmt: skip
+
+    def forward(self, logits: Tensor, target: Tensor, context: LossContext, reduction: str = "mean") -> Tensor:
+        _class_indices(target, type(self).__name__)
+        if logits.shape[-1] != self.classes:
+            raise ConfigError(f"NPBML loss built for {self.classes} classes, got logits for {logits.shape[-1]}")
+        onehot = F.one_hot(target, self.classes).to(logits.dtype)  # [n, K]
+        ce = F.cross_entropy(logits, target, reduction="none")  # [n]
+        inductive = torch.cat([logits, onehot, ce[:, None]], -1)  # [n, 2K + 1]
+        transductive = None
+        if self.transductive or self.film:
+            if context.predict is None:
+                raise ConfigError("NPBML's transductive term and FiLM need the query predictions (LossContext.predict)")
+            query = context.predict(context.episode.query_x)  # [m, K]
+            prototypes = (onehot.T @ logits) / onehot.sum(0).clamp(min=1)[:, None]  # [K, K]: mean logits per class
+            relation = F.cosine_similarity(query[:, None, :], prototypes[None, :, :], dim=-1, eps=1e-8)  # [m, K]
+            p = query.softmax(-1)
+            entropy = -(p * query.log_softmax(-1)).sum(-1)  # [m]
+            transductive = torch.cat([query, relation, entropy[:, None]], -1)  # [m, 2K + 1]
+        task = None
+        if self.film:
+            assert transductive is not None
+            task = torch.cat([inductive.mean(0), transductive.mean(0)])  # [2 (2K + 1)]
+        per_sample = F.softplus(self.inductive_net(inductive, task)).squeeze(-1)  # [n]
+        shared = per_sample.new_zeros(())
+        if self.transductive:
+            shared = shared + F.softplus(self.transductive_net(transductive, task)).mean()
+        if self.regularizer and context.params:
+            stats = torch.stack([_weight_statistics(w) for w in context.params.values()])  # [layers, 4]
+            shared = shared + F.softplus(self.regularizer_net(stats, None)).mean()
+        return reduce(per_sample + shared, reduction)
+
+
+class _FiLMNet(nn.Module):
+    """An MLP (ReLU) whose hidden layers may be FiLM-modulated by a conditioning vector:
+    h <- (1 + gamma(c)) * h + beta(c), with gamma, beta linear in c and zero at the start."""
+
+    def __init__(self, features: int, hidden: Sequence[int], conditioning: int) -> None:
+        super().__init__()
+        widths = [features, *hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.out = nn.Linear(widths[-1], 1)
+        self.film = nn.ModuleList()
+        if conditioning:
+            for h in hidden:
+                layer = nn.Linear(conditioning, 2 * h)
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+                self.film.append(layer)
+
+    def forward(self, x: Tensor, condition: Tensor | None) -> Tensor:  # x [n, features] -> [n, 1]
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.film and condition is not None:
+                gamma, beta = self.film[i](condition).chunk(2, -1)  # [h], [h]
+                x = (1 + gamma) * x + beta
+            x = torch.relu(x)
+        return self.out(x)
+
+
+def _weight_statistics(w: Tensor) -> Tensor:
+    """[mean, std, ||w||_1 / n, ||w||_2 / sqrt(n)] of a parameter tensor with n elements."""
+    flat = w.reshape(-1)
+    std = flat.std(unbiased=False) if flat.numel() > 1 else flat.new_zeros(())
+    return torch.stack([flat.mean(), std, flat.abs().mean(), torch.sqrt((flat * flat).mean() + 1e-12)])

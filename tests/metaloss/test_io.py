@@ -73,3 +73,48 @@ def test_bad_files_are_one_line_errors(tmp_path):
         load_meta_object(good, family="taylorglo")
     with pytest.raises(MetaObjectError, match="holds a loss"):
         load_meta_object(good, kind="optimizer")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_npbml_loss_round_trip_is_bit_exact(tmp_path, dtype):
+    from metaloss.functional import forward
+    from metaloss.meta import NPBMLLoss
+
+    torch.manual_seed(0)
+    module = NPBMLLoss(4, hidden=(5, 3), film=True).to(dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # FiLM off its zero start
+    loaded = load_loss(save_meta_object(module, tmp_path / "npbml.safetensors"))
+    assert type(loaded) is NPBMLLoss and loaded.config() == module.config()
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), loaded.state_dict().values()))
+    net = torch.nn.Linear(3, 4).to(dtype)
+    params = dict(net.named_parameters())
+    x, xq, y = torch.randn(8, 3, dtype=dtype), torch.randn(6, 3, dtype=dtype), torch.tensor([0, 1, 2, 3] * 2)
+    context = LossContext(x, params, 0, Episode(x, y, xq, y[:6]), lambda inputs: forward(net, params, inputs))
+    assert torch.equal(module(net(x), y, context), loaded(net(x), y, context))
+
+
+@pytest.mark.parametrize("family", ["warp", "mlp_update_rule"])
+def test_learned_optimizers_round_trip_bit_exact_and_take_the_same_step(tmp_path, family):
+    from metaloss.io import load_optimizer
+    from metaloss.meta import MLPUpdateRule, WarpPreconditioner
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    module = WarpPreconditioner(net, lr=0.1, max_block=4) if family == "warp" else MLPUpdateRule(hidden=6)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = save_meta_object(module, tmp_path / "opt.safetensors")
+    loaded = load_optimizer(path)
+    assert type(loaded) is type(module) and loaded.config() == module.config()
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), loaded.state_dict().values()))
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+    a, b = module(), loaded()
+    new_a, _ = a.update(grads, a.init(params), params)
+    new_b, _ = b.update(grads, b.init(params), params)
+    assert all(torch.equal(new_a[n], new_b[n]) for n in params)
+    with pytest.raises(MetaObjectError, match="holds a optimizer"):
+        load_loss(path)  # an optimizer is not a criterion

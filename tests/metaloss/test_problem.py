@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 from metaloss.errors import ConfigError
 from metaloss.losses import mse
 from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD
 from metaloss.models import MLP
 from metaloss.problem import BilevelProblem
-from metaloss.types import Episode
+from metaloss.types import Episode, LossContext
 
 
 def episode() -> Episode:
@@ -109,3 +110,48 @@ def test_learned_scalars_follow_a_float64_problem_and_give_exact_hypergradients(
         up[i], down[i] = base[i] + h, base[i] - h
         fd = (outer(up) - outer(down)) / (2 * h)
         assert grads[i].item() == pytest.approx(fd, rel=1e-7, abs=1e-10)
+
+
+def test_target_params_objective_is_the_squared_distance_to_the_tasks_true_parameters() -> None:
+    model = nn.Linear(1, 1)
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer(lr=0.1), mse, mse, 2,
+                             meta_objective="target_params")  # fmt: skip
+    e = episode()
+    target = {"weight": torch.tensor([[2.0]]), "bias": torch.tensor([0.5])}
+    e.meta["target_params"] = target
+    params, _ = problem.adapt_to(e)
+    loss, metrics = problem.query_loss(params, e)
+    expected = ((params["weight"] - 2.0) ** 2).sum() + ((params["bias"] - 0.5) ** 2).sum()
+    torch.testing.assert_close(loss, expected)
+    assert metrics["query_loss"] != metrics["loss"]
+    torch.testing.assert_close(metrics["query_loss"], mse(torch.func.functional_call(model, params, (e.query_x,)),
+                                                          e.query_y).detach())  # fmt: skip
+    with pytest.raises(ConfigError, match="target_params"):
+        problem.query_loss(params, episode())  # no true parameters in meta
+    e.meta["target_params"] = {"frequency": torch.tensor(1.0)}
+    with pytest.raises(ConfigError, match="frequency"):
+        problem.query_loss(params, e)
+
+
+def test_a_loss_that_needs_context_can_predict_with_the_adapted_parameters() -> None:
+    """LossContext.predict runs the model with the current (adapted + frozen) parameters on other inputs
+    (NPBML's transductive term on the query set); the query labels are never part of the context."""
+    seen: list[tuple[Tensor, Tensor]] = []
+
+    class QueryAware(nn.Module):
+        needs_context = True
+
+        def forward(self, prediction: Tensor, target: Tensor, context: LossContext) -> Tensor:
+            assert context.predict is not None
+            query_prediction = context.predict(context.episode.query_x)
+            expected = torch.func.functional_call(model, context.params, (context.episode.query_x,))
+            seen.append((query_prediction.detach(), expected.detach()))
+            return mse(prediction, target) + 0.1 * (query_prediction**2).mean()
+
+    model = MLP(1, (4,), 1)
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer(lr=0.1), QueryAware(), mse, 2,
+                             adapt=["head"])  # fmt: skip
+    problem.adapt_to(episode())
+    assert len(seen) == 2 and not torch.equal(seen[0][0], seen[1][0])  # the second step sees adapted weights
+    for got, want in seen:
+        torch.testing.assert_close(got, want)

@@ -11,7 +11,7 @@ from torch import nn
 
 from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, Unrolled
 from metaloss.losses import cross_entropy, mse
-from metaloss.meta import FixedInit, HyperparameterOptimizer, ML3Loss, ML3RegressionLoss, TaylorGLOLoss
+from metaloss.meta import FixedInit, HyperparameterOptimizer, ML3Loss, ML3RegressionLoss, NPBMLLoss, TaylorGLOLoss
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, LossContext
 
@@ -37,7 +37,11 @@ def problem_for(name: str, steps: int = 3) -> tuple[BilevelProblem, Episode]:
         loss, outer, episode = ML3RegressionLoss(1, 1, hidden=(6,)), mse, regression_episode()
     else:
         model = nn.Linear(3, 3).double()
-        loss = ML3Loss(hidden=(6,)) if name == "ml3" else TaylorGLOLoss((0.1, -0.2), (0.3, -0.5, 0.2, 1.0, 0.4, -0.3))
+        loss = {
+            "ml3": lambda: ML3Loss(hidden=(6,)),
+            "taylorglo": lambda: TaylorGLOLoss((0.1, -0.2), (0.3, -0.5, 0.2, 1.0, 0.4, -0.3)),
+            "npbml": lambda: _perturbed_film(NPBMLLoss(3, hidden=(5, 4))),
+        }[name]()
         outer, episode = cross_entropy, classification_episode()
     problem = BilevelProblem(model, FixedInit(model), HyperparameterOptimizer("sgd", lr=0.5), loss, outer, steps)
     return problem, episode
@@ -48,7 +52,16 @@ def outer_loss(problem: BilevelProblem, episode: Episode) -> float:
     return problem.outer_objective(params, inner, episode)[0].item()
 
 
-FAMILIES = ["ml3", "ml3_regression", "taylorglo"]
+def _perturbed_film(loss: NPBMLLoss) -> NPBMLLoss:
+    """FiLM starts at the identity (gamma = beta = 0); move it off, so the test sees FiLM at work."""
+    with torch.no_grad():
+        for p in loss.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    return loss
+
+
+FAMILIES = ["ml3", "ml3_regression", "taylorglo", "npbml"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -149,3 +162,59 @@ def test_es_family_is_unbiased_for_the_unrolled_hypergradient_of_a_learned_loss(
     mean, se = samples.mean(0), samples.std(0) / len(samples) ** 0.5
     assert ((mean - exact).abs() < 4 * se).all(), (mean, exact, se)
     assert (4 * se < exact.abs().max()).all()
+
+
+def npbml_context(episode: Episode, params: dict) -> LossContext:
+    model = nn.Linear(3, 3).double()
+    from metaloss.functional import forward
+
+    return LossContext(episode.support_x, params, 0, episode, lambda x: forward(model, params, x))
+
+
+def test_npbml_loss_reads_the_query_inputs_but_never_the_query_labels():
+    """The transductive term and FiLM change with the query inputs; the query labels are not read."""
+    torch.manual_seed(0)
+    loss = _perturbed_film(NPBMLLoss(3, hidden=(5,))).double()
+    episode = classification_episode()
+    params = {n: p.detach() for n, p in nn.Linear(3, 3).double().named_parameters()}
+    logits = npbml_context(episode, params).predict(episode.support_x)
+    value = loss(logits, episode.support_y, npbml_context(episode, params))
+    relabelled = Episode(episode.support_x, episode.support_y, episode.query_x, (episode.query_y + 1) % 3)
+    assert loss(logits, episode.support_y, npbml_context(relabelled, params)) == value
+    moved = Episode(episode.support_x, episode.support_y, episode.query_x + 1.0, episode.query_y)
+    assert loss(logits, episode.support_y, npbml_context(moved, params)) != value
+
+
+@pytest.mark.parametrize("switch", ["transductive", "regularizer", "film"])
+def test_npbml_ablation_switches_remove_their_term(switch):
+    """Each switch removes exactly its term: the loss without it equals the full loss with that
+    term's network silenced (FiLM: gamma = beta = 0; a term: its output pushed to softplus ~ 0)."""
+    torch.manual_seed(1)
+    full = _perturbed_film(NPBMLLoss(3, hidden=(5,))).double()
+    reduced = NPBMLLoss(3, hidden=(5,), **{switch: False}).double()
+    reduced.load_state_dict(full.state_dict(), strict=False)
+    episode = classification_episode()
+    params = {n: p.detach() for n, p in nn.Linear(3, 3).double().named_parameters()}
+    context = npbml_context(episode, params)
+    logits = context.predict(episode.support_x)
+    with torch.no_grad():
+        if switch == "film":
+            for layer in [*full.inductive_net.film, *full.transductive_net.film]:
+                layer.weight.zero_()
+                layer.bias.zero_()
+        else:
+            net = full.transductive_net if switch == "transductive" else full.regularizer_net
+            net.out.weight.zero_()
+            net.out.bias.fill_(-60.0)  # softplus(-60) ~ 1e-26
+    torch.testing.assert_close(full(logits, episode.support_y, context), reduced(logits, episode.support_y, context))
+
+
+def test_npbml_weight_statistics_are_the_papers_four():
+    from metaloss.meta.loss import _weight_statistics
+
+    w = torch.tensor([[1.0, -2.0], [3.0, -4.0]], dtype=torch.float64)
+    mean, std, l1, l2 = _weight_statistics(w).tolist()
+    assert mean == pytest.approx(-0.5)
+    assert std == pytest.approx((sum((v + 0.5) ** 2 for v in (1, -2, 3, -4)) / 4) ** 0.5)
+    assert l1 == pytest.approx(10 / 4)  # the L1 norm (p = 1), size-normalised: not the p = 2 of the public code
+    assert l2 == pytest.approx((30 / 4) ** 0.5)
