@@ -1,11 +1,13 @@
 """Backbones used by the few-shot and regression tasks. Each is head(body(x)), and `split()` names
 the two submodules, so head-only adaptation (ANIL) is the config `adapt: [head]` and the inner loop
-can compute the body's features once per episode (`BilevelProblem.reuse_features`)."""
+can compute the body's features once per episode (`BilevelProblem.reuse_features`). `ShapedSine`,
+a one-parameter model, has no such split."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from metaloss.errors import ConfigError
@@ -132,3 +134,18 @@ class ResNet12(nn.Module):
     def split(self) -> tuple[str, str]:
         """(body, head) submodule names: forward(x) = head(features(x))."""
         return "features", "head"
+
+
+class ShapedSine(nn.Module):
+    """The one-parameter model of ML3's shaped-sine experiment (Bechtle et al. 2021, "Meta Learning
+    via Learned Loss"; official code `ml3/optimizee.py: ShapedSineModel`): y = sin(theta x)
+    with a single scalar frequency theta, named `frequency`, started at `frequency_init` (0.1 there)
+    for every task. Its MSE landscape in theta is full of local minima, which the learned loss is
+    meant to shape away."""
+
+    def __init__(self, frequency_init: float = 0.1) -> None:
+        super().__init__()
+        self.frequency = nn.Parameter(torch.tensor([float(frequency_init)]))  # [1]
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [n, 1] -> [n, 1]
+        return torch.sin(self.frequency * x)

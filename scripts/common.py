@@ -221,6 +221,7 @@ def build_problem(
         metric_name=splits.metric or "metric",
         inner_regularizer=None if regularizer is None else instantiate_for(model, regularizer).to(cfg.device, dtype),
         meta_objective=cfg.problem.get("meta_objective", "query"),
+        inner_batch_size=cfg.problem.get("inner_batch_size"),
     )
 
 

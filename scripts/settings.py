@@ -32,6 +32,7 @@ class ProblemSettings:
     inner_regularizer: Optional[Any] = None  # noqa: UP045
     batchnorm: str = "transductive"
     meta_objective: str = "query"
+    inner_batch_size: Optional[int] = None  # noqa: UP045
 
 
 @dataclass

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from metaloss.errors import ConfigError
+from metaloss.errors import ConfigError, DataNotFoundError
 from metaloss.types import Episode
 from tasks.base import episode_generator
 
@@ -47,6 +48,24 @@ def mnist1d_data(cache_dir: str | None = None) -> LabelledData:
     f = lambda a: torch.from_numpy(a).float()  # noqa: E731
     return LabelledData("mnist1d", f(d["x"]), torch.from_numpy(d["y"]).long(), f(d["x_test"]),
                         torch.from_numpy(d["y_test"]).long(), 10)  # fmt: skip
+
+
+def digits_data(test_fraction: float = 0.25, seed: int = 0) -> LabelledData:
+    """scikit-learn's handwritten digits (bundled with it, no download): 1,797 8x8 images as flat
+    [N, 64] vectors in [0, 1] (pixel counts 0..16 divided by 16), 10 classes, split into training
+    and test rows stratified by class, the split fixed by `seed`."""
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise DataNotFoundError("the digits data needs scikit-learn: pip install scikit-learn") from None
+    x, y = load_digits(return_X_y=True)
+    train, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
+    xs, ys = torch.from_numpy(x.astype("float32") / 16.0), torch.from_numpy(y).long()
+    train, test = torch.from_numpy(train), torch.from_numpy(test)
+    return LabelledData("digits", xs[train], ys[train], xs[test], ys[test], 10)
 
 
 class MinibatchSampler:

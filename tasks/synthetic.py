@@ -58,6 +58,64 @@ def sinusoid_task(k_support: int = 10, k_query: int = 10, seed: int = 0) -> Task
     return TaskSplits(*(SinusoidSampler(k_support, k_query, seed=seed, split=split) for split in SPLITS), loss="mse")
 
 
+class ShapedSineSampler:
+    """ML3's shaped-sine regression (Bechtle et al. 2021, "Meta Learning via Learned Loss"; official
+    code `ml3/ml3_train.py: meta_train_shaped_sine`): y = sin(theta* x), theta* ~ U[-5, 5],
+    x ~ U[-5, 5], for the one-parameter model `metaloss.models.ShapedSine`. The task's true
+    parameter is in `meta["target_params"]` ({"frequency": tensor([theta*])}), for
+    `meta_objective="target_params"`: the meta-objective (theta - theta*)^2; `meta["frequency"]`
+    is theta* as a float. K support points (64 in ML3) and a separate set of query points."""
+
+    def __init__(
+        self,
+        k_support: int = 64,
+        k_query: int = 64,
+        seed: int = 0,
+        split: str = "train",
+        frequency: tuple[float, float] = (-5.0, 5.0),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+    ) -> None:
+        if k_support < 1 or k_query < 1:
+            raise ConfigError(f"k_support and k_query must be >= 1, got {k_support} and {k_query}")
+        for name, lo_hi in {"frequency": frequency, "x_range": x_range}.items():
+            if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or lo_hi[0] > lo_hi[1]:
+                raise ConfigError(f"shaped-sine {name} must be a finite range [lo, hi], lo <= hi, got {list(lo_hi)}")
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
+        self.k_support, self.k_query, self.seed, self.stream = k_support, k_query, seed, SPLITS.index(split)
+        self.frequency = (float(frequency[0]), float(frequency[1]))
+        self.x_range = (float(x_range[0]), float(x_range[1]))
+
+    def episode(self, index: int) -> Episode:
+        g = episode_generator(self.seed, index, self.stream)
+
+        def uniform(lo_hi: tuple[float, float], *shape: int) -> torch.Tensor:
+            lo, hi = lo_hi
+            return lo + (hi - lo) * torch.rand(*shape, generator=g)
+
+        theta = uniform(self.frequency, 1)  # [1]
+        x = uniform(self.x_range, self.k_support + self.k_query, 1)  # [K + Q, 1]
+        y = torch.sin(theta * x)  # [K + Q, 1]
+        k = self.k_support
+        meta = {"frequency": theta.item(), "target_params": {"frequency": theta.clone()}}
+        return Episode(x[:k], y[:k], x[k:], y[k:], meta)
+
+
+def shaped_sine_task(
+    k_support: int = 64,
+    k_query: int = 64,
+    seed: int = 0,
+    frequency: tuple[float, float] = (-5.0, 5.0),
+    x_range: tuple[float, float] = (-5.0, 5.0),
+) -> TaskSplits:
+    """ML3's shaped-sine family with independent train / val / test task streams (held-out tasks)."""
+    samplers = (
+        ShapedSineSampler(k_support, k_query, seed=seed, split=split, frequency=frequency, x_range=x_range)
+        for split in SPLITS
+    )
+    return TaskSplits(*samplers, loss="mse")
+
+
 class InfluenceBalancing:
     """The influence-balancing task (Tallec & Ollivier 2017; PES, Vicol et al. 2021, sec. 5.1), a
     `metaloss.online.TruncatedSystem`: s_{t+1} = A s_t + theta * c, A = 0.5 I + 0.5 superdiagonal,

@@ -16,7 +16,7 @@ from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnlin
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.meta import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, WarpPreconditioner
-from metaloss.models import MLP, Conv4, ResNet12
+from metaloss.models import MLP, Conv4, ResNet12, ShapedSine
 from tasks.base import TaskSplits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +169,10 @@ def test_model_instantiates_and_runs(option):
         size = cfg.model.get("image_size", 84)
         out = model(torch.rand(2, cfg.model.in_channels, size, size))
         assert out.shape == (2, cfg.task.n_way)
+    elif option == "shaped_sine":  # ML3's one-parameter sin(theta x): no head to adapt on its own
+        assert isinstance(model, ShapedSine) and model.frequency.item() == pytest.approx(cfg.model.frequency_init)
+        assert model(torch.rand(3, 1)).shape == (3, 1)
+        return
     else:
         assert isinstance(model, MLP)
         assert model(torch.rand(3, cfg.model.in_features)).shape == (3, cfg.model.out_features)
@@ -213,7 +217,7 @@ def test_task_instantiates(option, mini_root, cifar_root, omniglot_overrides):
     assert cfg.task.get("seed", 7) == 7  # the one-shot runs are fixed: no seed
     splits = instantiate(cfg.task)
     assert isinstance(splits, TaskSplits)
-    assert splits.loss == {"sinusoid": "mse"}.get(option, "cross_entropy")
+    assert splits.loss == {"sinusoid": "mse", "shaped_sine": "mse"}.get(option, "cross_entropy")
     episode = (splits.test if splits.train is None else splits.train).episode(0)
     assert len(episode.support_x) == len(episode.support_y) > 0
 

@@ -28,6 +28,7 @@ PUBLISHED = {
     "omniglot_minimal_5way": ("omniglot", 5, 1, 0.4, 1, 8, 2000),
     "omniglot_minimal_20way": ("omniglot", 20, 1, 0.1, 1, 8, 1800),
 }
+OTHER = ("ml3_shaped_sine",)  # not few-shot classification: tested on their own below
 
 
 @functools.cache
@@ -61,10 +62,10 @@ def data_roots(tmp_path_factory, make_miniimagenet) -> dict[str, Path]:
 
 
 def test_every_experiment_is_covered() -> None:
-    assert EXPERIMENTS == sorted(PUBLISHED)
+    assert EXPERIMENTS == sorted([*PUBLISHED, *OTHER])
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_experiment_composes_to_its_setting_and_runs_two_meta_steps(name: str, data_roots) -> None:
     task, n_way, k_shot, inner_lr, inner_steps, meta_batch, meta_steps = PUBLISHED[name]
     cfg = compose_with(f"experiment={name}")
@@ -95,3 +96,27 @@ def test_experiment_composes_to_its_setting_and_runs_two_meta_steps(name: str, d
     assert any(not torch.equal(p, b) for p, b in zip(built.problem.meta_parameters(), before))
     episode = built.splits.test.episode(0)
     assert int(episode.support_y.max()) + 1 == n_way
+
+
+def test_ml3_shaped_sine_is_the_papers_greedy_setting_and_learns_only_the_loss() -> None:
+    """ML3's shaped sine (Bechtle et al. 2021): sin(theta x) from theta_0 = 0.1, 64 points, 10 SGD
+    steps at lr 1.0, the loss network updated by Adam 1e-3 after every single step (truncation 1)
+    from (theta_{t+1} - theta*)^2, 4 tasks per iteration, 1,000 iterations."""
+    from metaloss.hypergrad import EpisodicOnline
+    from metaloss.models import ShapedSine
+
+    cfg = compose_with("experiment=ml3_shaped_sine")
+    assert cfg.task._target_.endswith("shaped_sine_task") and cfg.task.k_support == 64
+    assert cfg.model.frequency_init == 0.1 and cfg.inner_opt.lr == 1.0 and cfg.problem.inner_steps == 10
+    assert (cfg.hypergrad.kind, cfg.hypergrad.truncation, cfg.hypergrad["update"]) == ("tbptt", 1, "truncation")
+    assert cfg.problem.meta_objective == "target_params"
+    assert (cfg.outer_opt.lr, cfg.train.meta_batch, cfg.train.meta_steps) == (0.001, 4, 1000)
+    built = load_common().build(compose_with("experiment=ml3_shaped_sine", "task.k_support=8", "task.k_query=8"))
+    assert isinstance(built.problem.model, ShapedSine) and isinstance(built.estimator, EpisodicOnline)
+    loss_params = list(built.problem.inner_loss.parameters())
+    assert [id(p) for p in built.problem.meta_parameters()] == [id(p) for p in loss_params]  # only the loss
+    before = [p.detach().clone() for p in loss_params]
+    history = meta_train(built.problem, built.estimator, built.outer_opt, built.splits.train,
+                         meta_steps=2, meta_batch=2, progress=False)  # fmt: skip
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert all(not torch.equal(p, b) for p, b in zip(loss_params, before))

@@ -214,7 +214,12 @@ class _FiLMNet(nn.Module):
 
 
 def _weight_statistics(w: Tensor) -> Tensor:
-    """[mean, std, ||w||_1 / n, ||w||_2 / sqrt(n)] of a parameter tensor with n elements."""
+    """[mean, std, ||w||_1 / n, ||w||_2 / sqrt(n)] of a parameter tensor with n elements. The std of
+    a constant tensor (a BatchNorm weight of ones or bias of zeros at initialisation) is 0 with zero
+    first and second derivatives: torch's std has a NaN double backward there, which the unrolled
+    meta-gradient needs, and sqrt(var + eps) a curvature of order 1 / sqrt(eps) that wrecks it."""
     flat = w.reshape(-1)
-    std = flat.std(unbiased=False) if flat.numel() > 1 else flat.new_zeros(())
+    var = flat.var(unbiased=False) if flat.numel() > 1 else flat.new_zeros(())
+    positive = var > 0
+    std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), torch.zeros_like(var))
     return torch.stack([flat.mean(), std, flat.abs().mean(), torch.sqrt((flat * flat).mean() + 1e-12)])

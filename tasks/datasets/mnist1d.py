@@ -82,3 +82,68 @@ def mnist1d_task(
     data = load_mnist1d(cache_dir)
     samplers = [Mnist1dTraining(data, steps, batch, seed, split, shuffle) for split in SPLITS]
     return TaskSplits(*samplers, loss="cross_entropy", metric="accuracy")
+
+
+def mnist1d_pools(n_rows: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), query_fraction: float = 0.5,
+                  seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Disjoint row pools of the MNIST-1D *training* set for few-sample episodes: one permutation
+    of its `n_rows` rows (fixed by `seed`) cut into train / val / test pools by `fractions`, each
+    pool cut again into a support part (its first 1 - `query_fraction`) and a held-out query part.
+    {split: (support rows, query rows)}, all disjoint."""
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise ConfigError(f"task.fractions must be three positive shares summing to <= 1, got {list(fractions)}")
+    if not 0 < query_fraction < 1:
+        raise ConfigError(f"task.query_fraction must be in (0, 1), got {query_fraction}")
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+    ends = np.cumsum([round(f * n_rows) for f in fractions]).tolist()
+    pools, start = {}, 0
+    for split, end in zip(SPLITS, ends):
+        rows = order[start:end]
+        cut = len(rows) - round(query_fraction * len(rows))
+        pools[split], start = (rows[:cut], rows[cut:]), end
+    return pools
+
+
+class Mnist1dEpisodes:
+    """Few-sample MNIST-1D classification episodes for meta-learning a loss (or an optimizer):
+    episode i trains on `k_train` random rows of this split's support part and is scored on
+    `q_query` random rows of its held-out query part (all of it when None), a pure function of
+    (seed, split, i). Labels are the ten digits themselves (not permuted): every episode is the
+    same 10-way problem from a different small sample, as ordinary training is. Only training-set
+    rows are read (`mnist1d_pools`); the MNIST-1D test set never appears."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, support_rows: torch.Tensor, query_rows: torch.Tensor,
+                 k_train: int = 300, q_query: int | None = 300, seed: int = 0,
+                 split: str = "train") -> None:  # fmt: skip
+        if not 1 <= k_train <= len(support_rows):
+            raise ConfigError(f"task.k_train must be in [1, {len(support_rows)}] (the {split} pool's support part), "
+                              f"got {k_train}")  # fmt: skip
+        if q_query is not None and not 1 <= q_query <= len(query_rows):
+            raise ConfigError(f"task.q_query must be in [1, {len(query_rows)}] (the {split} pool's query part) or "
+                              f"null, got {q_query}")  # fmt: skip
+        self.x, self.y, self.support_rows, self.query_rows = x, y, support_rows, query_rows
+        self.k_train, self.q_query, self.seed, self.stream = k_train, q_query, seed, SPLITS.index(split)
+
+    def episode(self, index: int) -> Episode:
+        g = episode_generator(self.seed, index, self.stream)
+        support = self.support_rows[torch.randperm(len(self.support_rows), generator=g)[: self.k_train]]
+        query = self.query_rows
+        if self.q_query is not None:
+            query = query[torch.randperm(len(query), generator=g)[: self.q_query]]
+        return Episode(self.x[support], self.y[support], self.x[query], self.y[query])
+
+
+def mnist1d_episodes_task(k_train: int = 300, q_query: int | None = 300, n_way: int = 10,
+                          fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), query_fraction: float = 0.5,
+                          split_seed: int = 0, seed: int = 0, cache_dir: str | None = None) -> TaskSplits:  # fmt: skip
+    """Few-sample MNIST-1D episodes (`Mnist1dEpisodes`) on disjoint pools of the training set:
+    meta-train, meta-validation and meta-test never share a row, and no split reads the test set,
+    which stays for judging whatever is meta-learned in ordinary training (`scripts/train.py`).
+    `split_seed` fixes the pools, `seed` the episodes."""
+    if n_way != 10:
+        raise ConfigError(f"MNIST-1D has 10 classes: task.n_way must be 10, got {n_way}")
+    data = load_mnist1d(cache_dir)
+    x, y = torch.from_numpy(data["x"]).float(), torch.from_numpy(data["y"]).long()
+    pools = mnist1d_pools(len(x), tuple(fractions), query_fraction, split_seed)
+    samplers = [Mnist1dEpisodes(x, y, *pools[split], k_train, q_query, seed, split) for split in SPLITS]
+    return TaskSplits(*samplers, loss="cross_entropy", metric="accuracy")

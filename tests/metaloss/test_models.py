@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metaloss.errors import ConfigError
-from metaloss.models import MLP, Conv4, ResNet12
+from metaloss.models import MLP, Conv4, ResNet12, ShapedSine
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -45,3 +45,17 @@ def test_resnet12_shape_and_size() -> None:
 def test_invalid_shapes_are_rejected(make) -> None:
     with pytest.raises(ConfigError):
         make()
+
+
+def test_shaped_sine_is_sin_of_one_frequency() -> None:
+    model = ShapedSine()
+    assert [(name, p.shape) for name, p in model.named_parameters()] == [("frequency", (1,))]
+    assert model.frequency.item() == pytest.approx(0.1)
+    x = torch.linspace(-5, 5, 11).unsqueeze(-1)  # [11, 1]
+    torch.testing.assert_close(model(x), torch.sin(0.1 * x))
+    model = ShapedSine(frequency_init=-2.5)
+    out = model(x)
+    assert out.shape == (11, 1)
+    torch.testing.assert_close(out, torch.sin(-2.5 * x))
+    out.sum().backward()  # d/dtheta sum sin(theta x) = sum x cos(theta x)
+    torch.testing.assert_close(model.frequency.grad, (x * torch.cos(-2.5 * x)).sum().reshape(1))

@@ -44,6 +44,17 @@ def test_cross_entropy_learns_mnist1d_and_poly1_runs(tmp_path):
         assert (run.dir / "checkpoint.pt").is_file() and (run.dir / "tensorboard").is_dir()
 
 
+def test_scikit_learn_digits_learn_with_a_learned_loss_file(files, tmp_path):
+    pytest.importorskip("sklearn")
+    for name, loss in (("ce", ["loss=cross_entropy"]), ("ml3", ["loss=learned", f"loss.path={files['ml3']}"])):
+        run = run_script(tmp_path / name, [*BASE, "data=digits", "train.steps=150", *loss], script=TRAIN)
+        assert run.returncode == 0, run.explain()
+        metrics = run.metrics()
+        assert metrics["data"] == "digits" and round(metrics["test_accuracy"] * 450, 6).is_integer()  # 450 test rows
+        if loss == ["loss=cross_entropy"]:
+            assert metrics["test_accuracy"] > 0.8  # chance is 0.1; 150 SGD steps reach about 0.93
+
+
 def test_fashion_mnist_idx_files_and_a_learned_loss_file(files, tmp_path):
     overrides = [*BASE, "data=fashion_mnist", f"data.root={files['fashion']}", "train.steps=20", "train.batch_size=50",
                  "loss=learned", f"loss.path={files['ml3']}"]  # fmt: skip

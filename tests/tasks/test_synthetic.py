@@ -1,4 +1,5 @@
-"""SinusoidSampler and sinusoid_task: determinism, ranges, the generating function, statistics."""
+"""SinusoidSampler and sinusoid_task: determinism, ranges, the generating function, statistics;
+ShapedSineSampler and shaped_sine_task (ML3's shaped sine)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from metaloss.errors import ConfigError
 from tasks.base import SPLITS, TaskSampler
-from tasks.synthetic import SinusoidSampler, sinusoid_task
+from tasks.synthetic import ShapedSineSampler, SinusoidSampler, shaped_sine_task, sinusoid_task
 
 # E[A^2] / 2 for A ~ U[0.1, 5]: the zero predictor's expected query MSE (E[sin^2] = 1/2 since the
 # phase is uniform over a whole period of sin^2).
@@ -155,3 +156,76 @@ def test_bad_arguments_raise_config_error(kwargs):
 def test_sinusoid_task_rejects_bad_sizes():
     with pytest.raises(ConfigError, match="k_support"):
         sinusoid_task(k_support=0)
+
+
+def test_shaped_sine_is_a_deterministic_task_sampler():
+    assert isinstance(ShapedSineSampler(), TaskSampler)
+    for split in SPLITS:
+        a, b = ShapedSineSampler(seed=3, split=split), ShapedSineSampler(seed=3, split=split)
+        for index in (0, 1, 17, 10_000):
+            ea, eb = a.episode(index), b.episode(index)
+            for x, y in zip((ea.support_x, ea.support_y, ea.query_x, ea.query_y),
+                            (eb.support_x, eb.support_y, eb.query_x, eb.query_y)):  # fmt: skip
+                assert torch.equal(x, y)
+            assert ea.meta["frequency"] == eb.meta["frequency"]
+            assert torch.equal(ea.meta["target_params"]["frequency"], eb.meta["target_params"]["frequency"])
+    assert ShapedSineSampler(seed=3).episode(0).meta != ShapedSineSampler(seed=4).episode(0).meta
+    assert ShapedSineSampler(seed=3).episode(0).meta != ShapedSineSampler(seed=3).episode(1).meta
+
+
+def test_shaped_sine_shapes_ranges_and_targets():
+    sampler = ShapedSineSampler(seed=0)
+    thetas = []
+    for i in range(100):
+        e = sampler.episode(i)
+        assert e.support_x.shape == e.support_y.shape == (64, 1)
+        assert e.query_x.shape == e.query_y.shape == (64, 1)
+        theta = e.meta["target_params"]["frequency"]
+        assert theta.shape == (1,) and theta.item() == pytest.approx(e.meta["frequency"])
+        assert -5 <= theta.item() <= 5
+        assert e.support_x.abs().max() <= 5 and e.query_x.abs().max() <= 5
+        torch.testing.assert_close(e.support_y, torch.sin(theta * e.support_x))
+        torch.testing.assert_close(e.query_y, torch.sin(theta * e.query_x))
+        assert not torch.equal(e.support_x, e.query_x)
+        thetas.append(theta.item())
+    assert min(thetas) < -3 and max(thetas) > 3  # spread over U[-5, 5], both signs
+    small = ShapedSineSampler(k_support=5, k_query=7, frequency=(1.0, 2.0), x_range=(0.0, 1.0)).episode(0)
+    assert small.support_x.shape == (5, 1) and small.query_x.shape == (7, 1)
+    assert 1 <= small.meta["frequency"] <= 2 and 0 <= small.support_x.min() and small.support_x.max() <= 1
+
+
+def test_shaped_sine_task_splits_are_distinct_streams():
+    splits = shaped_sine_task(seed=0)
+    assert splits.loss == "mse" and splits.metric is None
+    samplers = {name: getattr(splits, name) for name in SPLITS}
+    thetas = {name: {round(s.episode(i).meta["frequency"], 6) for i in range(100)} for name, s in samplers.items()}
+    assert all(len(t) == 100 for t in thetas.values())
+    assert not thetas["train"] & thetas["val"]
+    assert not thetas["train"] & thetas["test"]
+    assert not thetas["val"] & thetas["test"]
+    for name, sampler in samplers.items():
+        assert sampler.k_support == 64 and sampler.k_query == 64
+        again = ShapedSineSampler(seed=0, split=name).episode(3)
+        assert torch.equal(sampler.episode(3).support_x, again.support_x)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"k_support": 0},
+        {"k_query": 0},
+        {"split": "validation"},
+        {"frequency": (5.0, -5.0)},
+        {"frequency": (0.0, float("inf"))},
+        {"frequency": (1.0,)},
+        {"x_range": (5.0, -5.0)},
+        {"x_range": (float("nan"), 1.0)},
+    ],
+    ids=str,
+)
+def test_shaped_sine_bad_arguments_raise_config_error(kwargs):
+    with pytest.raises(ConfigError):
+        ShapedSineSampler(**kwargs)
+    if "split" not in kwargs:
+        with pytest.raises(ConfigError):
+            shaped_sine_task(**kwargs)

@@ -218,3 +218,27 @@ def test_npbml_weight_statistics_are_the_papers_four():
     assert std == pytest.approx((sum((v + 0.5) ** 2 for v in (1, -2, 3, -4)) / 4) ** 0.5)
     assert l1 == pytest.approx(10 / 4)  # the L1 norm (p = 1), size-normalised: not the p = 2 of the public code
     assert l2 == pytest.approx((30 / 4) ** 0.5)
+
+
+def test_npbml_meta_gradient_is_finite_with_constant_parameters_such_as_batchnorm():
+    """Regression: a BatchNorm weight starts at ones and its bias at zeros; torch's std has a NaN
+    double backward at a constant tensor, so the regulariser's std made the unrolled meta-gradient
+    NaN (every meta-step of algorithm=npbml on Conv-4 was skipped)."""
+    from metaloss.functional import apply_batchnorm_policy
+    from metaloss.meta import LearnedInit
+    from metaloss.meta.loss import _weight_statistics
+
+    w = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad((a * _weight_statistics(w)).sum(), w, create_graph=True)
+    (h,) = torch.autograd.grad((g * torch.arange(4.0, dtype=torch.float64)).sum(), a)
+    assert torch.isfinite(h)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).double()
+    apply_batchnorm_policy(model, "transductive")
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.5),
+                             NPBMLLoss(3, hidden=(5,)).double(), cross_entropy, 2)  # fmt: skip
+    out = Unrolled("full").estimate(problem, [classification_episode()])
+    assert all(g is not None and torch.isfinite(g).all() for g in out.grads)
+    assert all(g.abs().sum() > 0 for g in out.grads[2:4])  # the BatchNorm weight and bias are learned
