@@ -103,7 +103,7 @@ class MetaTrainer:
         outs = []
         for out in self.estimator.updates(self.problem, episodes):
             first = self.run.outer_updates + self.run.skipped_updates == 0
-            if first and all(g is None for g in out.grads):
+            if first and out.grads and all(g is None for g in out.grads):
                 raise ConfigError(
                     f"{type(self.estimator).__name__} gives no meta-parameter a gradient on this problem, so phi would "
                     "never change (an implicit gradient, or backpropagation truncated after the first inner step, "

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,7 +45,10 @@ class BilevelProblem:
     knows them puts in `episode.meta["target_params"]`, as in ML3's shaped-sine experiment);
     reuse_features: when only the head adapts (ANIL), compute the body's support features once
     per inner loop instead of at every step (the model names its parts with `split()`; needs the
-    full support batch, so not with `inner_batch_size`). Exact: the body does not change."""
+    full support batch, so not with `inner_batch_size`). Exact: the body does not change;
+    shuffle_seed: with `inner_batch_size`, minibatches drawn epoch by epoch from permutations of the
+    support rows fixed by (shuffle_seed, epoch), the last incomplete batch of an epoch dropped (a
+    training run's data stream); None: rows in order, wrapping around."""
 
     model: nn.Module
     init: nn.Module
@@ -59,8 +63,10 @@ class BilevelProblem:
     inner_batch_size: int | None = None
     meta_objective: str = "query"
     reuse_features: bool = True
+    shuffle_seed: int | None = None
 
     def __post_init__(self) -> None:
+        self._permutation: tuple[tuple[int, int], Tensor] | None = None  # the current epoch's, cached
         self._follow_model_dtype()
         if self.meta_objective not in META_OBJECTIVES:
             raise ConfigError(f"unknown meta_objective {self.meta_objective!r}; expected one of {META_OBJECTIVES}")
@@ -225,7 +231,7 @@ class BilevelProblem:
         def support_loss(params: Params, t: int | None = None) -> Tensor:
             x, y = episode.support_x, episode.support_y
             if self.inner_batch_size is not None and t is not None:
-                rows = torch.arange(t * self.inner_batch_size, (t + 1) * self.inner_batch_size) % len(x)
+                rows = self.batch_rows(t, len(x))
                 x, y = x[rows], y[rows]  # [B, ...]
             loss = self._inner_loss(self.predict({**frozen, **params}, x), y, x, params, frozen, t, episode)
             if self.inner_regularizer is not None:
@@ -233,6 +239,21 @@ class BilevelProblem:
             return loss
 
         return support_loss
+
+    def batch_rows(self, t: int, n: int) -> Tensor:
+        """The support rows [B] of inner step t's minibatch, out of n (see `inner_batch_size`)."""
+        size = self.inner_batch_size
+        assert size is not None
+        if self.shuffle_seed is None:
+            return torch.arange(t * size, (t + 1) * size) % n
+        if size > n:
+            raise ConfigError(f"inner_batch_size {size} is larger than the {n} support rows")
+        epoch, k = divmod(t, n // size)
+        if self._permutation is None or self._permutation[0] != (epoch, n):
+            seeds = np.random.SeedSequence([self.shuffle_seed, epoch]).generate_state(2, dtype=np.uint32)
+            g = torch.Generator().manual_seed(int(seeds[0]) << 32 | int(seeds[1]))
+            self._permutation = ((epoch, n), torch.randperm(n, generator=g))
+        return self._permutation[1][k * size : (k + 1) * size]
 
     def _inner_loss(self, prediction: Tensor, target: Tensor, inputs: Tensor, params: Params, frozen: Params,
                     t: int | None, episode: Episode) -> Tensor:  # fmt: skip

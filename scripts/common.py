@@ -176,7 +176,7 @@ class Built:
     splits: TaskSplits
     problem: BilevelProblem
     estimator: HypergradEstimator
-    outer_opt: torch.optim.Optimizer
+    outer_opt: torch.optim.Optimizer | None  # None: nothing is meta-learned (an online-regime baseline)
 
 
 def instantiate_for(model: torch.nn.Module, node: DictConfig) -> Any:
@@ -222,6 +222,7 @@ def build_problem(
         inner_regularizer=None if regularizer is None else instantiate_for(model, regularizer).to(cfg.device, dtype),
         meta_objective=cfg.problem.get("meta_objective", "query"),
         inner_batch_size=cfg.problem.get("inner_batch_size"),
+        shuffle_seed=cfg.problem.get("shuffle_seed"),
     )
 
 
@@ -231,6 +232,8 @@ def build(cfg: DictConfig) -> Built:
     splits = instantiate(cfg.task)
     problem = build_problem(cfg, instantiate(cfg.model), splits)
     estimator = instantiate(cfg.hypergrad)
+    if not problem.meta_parameters() and getattr(splits, "online", False):
+        return Built(splits, problem, estimator, None)  # a baseline run of the online regime: nothing to update
     if not problem.meta_parameters():
         raise ConfigError("nothing is meta-learned: with init=fixed, learn a loss (inner_loss=ml3, ...), inner "
                           "hyperparameters (inner_opt.learn=[lr]) or a regulariser")  # fmt: skip

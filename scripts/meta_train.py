@@ -2,6 +2,7 @@
 
     python scripts/meta_train.py                       # MAML on sinusoid K=10
     python scripts/meta_train.py algorithm=anil hypergrad=truncated train.meta_steps=100
+    python scripts/meta_train.py task=noisy_fashion_mnist algorithm=mwnet task.noise.rate=0.6   # online regime
 
 Writes TensorBoard events, checkpoint.pt and metrics.json into the Hydra run directory;
 the last stdout line is the metrics JSON.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -34,6 +36,7 @@ from common import (  # noqa: E402
     precheck,
     start_job,
 )
+from online_task import OnlineTaskRun, save_weight_histogram  # noqa: E402
 from settings import validate_meta_train  # noqa: E402
 
 from metaloss.baselines import train_jointly  # noqa: E402
@@ -56,6 +59,10 @@ def main(cfg: DictConfig) -> None:
                              extra={"choices": group_choices})  # fmt: skip
     with config_errors():
         built = build(cfg)
+    if getattr(built.splits, "online", False):  # a noisy-label training run: the online regime
+        train_online(cfg, settings, run_dir, directory, built, group_choices, started)
+        return
+    with config_errors():
         if built.splits.train is None or built.splits.val is None:
             raise ConfigError(f"task {choices.task!r} only evaluates; meta-test a checkpoint on it with meta_test.py")
         dtype = dtype_of(cfg)
@@ -130,6 +137,58 @@ def main(cfg: DictConfig) -> None:
         logger.log(settings.train.meta_steps, base, prefix="pretrained_test/")
     logger.close()
     metrics["total_seconds"] = round(time.time() - started, 2)
+    with output_errors(run_dir):
+        finish(run_dir, metrics)
+
+
+def train_online(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunDirectory, built: Any,
+                 choices: dict[str, str], started: float) -> None:  # fmt: skip
+    """One model trained on a noisy-label task while phi learns from look-aheads (scripts/online_task.py);
+    metrics.json holds the trained model's final test accuracy."""
+    task = built.splits
+    with config_errors():
+        outer_opt = built.outer_opt or torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=0.0)  # no phi
+        run = OnlineTaskRun(task, built.problem, built.estimator, outer_opt, settings.seed,
+                            settings.train.max_bad_steps)  # fmt: skip
+        directory.open(run.trainer, run.meta_steps, unit="look-ahead")
+        with output_errors(run_dir):
+            logger = instantiate(cfg.logger, purge_step=directory.resumed_from)
+    if run.state() is not None:  # resumed: the epochs already logged are not logged again
+        run.epochs_logged = run.state()["t"] // task.steps_per_epoch
+    directory.train(run.trainer, run.meta_steps, logger, "lower outer_opt.lr or inner_opt.lr",
+                    log_every=settings.train.log_every, progress=settings.progress,
+                    checkpoint_every=settings.train.checkpoint_every,
+                    after_step=lambda trainer: run.after_step(logger, trainer))  # fmt: skip
+    train_seconds = time.time() - started
+    final, weights = run.finish()
+    logger.log(task.epochs, final, prefix="final/")
+    saved = []
+    with output_errors(run_dir):
+        for name, module in built.problem.meta_modules().items():
+            if type(module) in FAMILIES.values():  # a learned loss: for scripts/train.py
+                saved.append(save_meta_object(module, run_dir / f"{name}.safetensors").name)
+        if weights is not None:
+            is_noisy = run.analysis[3]
+            title = f"{choices.get('algorithm')}: {task.data.name}, final weights"
+            saved.append(save_weight_histogram(weights, is_noisy, run_dir / "weights.png", title).name)
+    logger.close()
+    metrics: dict[str, object] = {
+        "task": choices.get("task"),
+        "algorithm": choices.get("algorithm"),
+        "inner_loss": choices.get("inner_loss"),
+        "data": task.data.name,
+        "noise": dict(cfg.task.noise),
+        "meta_per_class": cfg.task.meta_per_class,
+        "meta_steps": run.meta_steps,  # look-aheads, each followed by an update of phi
+        "outer_updates": run.trainer.run.outer_updates,
+        "skipped_updates": run.trainer.run.skipped_updates,
+        "resumed_from_step": directory.resumed_from,
+        "saved": saved,
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_epoch": round(run.trainer.run.step_seconds / max(task.epochs, 1), 3),
+        **final,
+        "total_seconds": round(time.time() - started, 2),
+    }
     with output_errors(run_dir):
         finish(run_dir, metrics)
 

@@ -33,6 +33,7 @@ class ProblemSettings:
     batchnorm: str = "transductive"
     meta_objective: str = "query"
     inner_batch_size: Optional[int] = None  # noqa: UP045
+    shuffle_seed: Optional[int] = None  # noqa: UP045
 
 
 @dataclass

@@ -30,11 +30,13 @@ class LabelledData:
         return int(self.x_train[0].numel())
 
 
-def fashion_mnist_data(root: str = "/usr/share/datasets/fashion-mnist", train_limit: int | None = None) -> LabelledData:
-    """Fashion-MNIST as flat [N, 784] vectors in [0, 1]; `train_limit`: the first rows only."""
+def fashion_mnist_data(root: str = "/usr/share/datasets/fashion-mnist", train_limit: int | None = None,
+                       root_key: str = "data.root") -> LabelledData:  # fmt: skip
+    """Fashion-MNIST as flat [N, 784] vectors in [0, 1]; `train_limit`: the first rows only; `root_key`:
+    the config key that sets `root`, named in the error when the files are missing."""
     from tasks.datasets.fashion_mnist import load_fashion_mnist
 
-    (xs, ys), (xt, yt) = load_fashion_mnist(root, "train", "data.root"), load_fashion_mnist(root, "test", "data.root")
+    (xs, ys), (xt, yt) = load_fashion_mnist(root, "train", root_key), load_fashion_mnist(root, "test", root_key)
     xs, ys = (xs, ys) if train_limit is None else (xs[:train_limit], ys[:train_limit])
     flat = lambda a: torch.from_numpy(a.reshape(len(a), -1).astype("float32") / 255.0)  # noqa: E731
     return LabelledData("fashion_mnist", flat(xs), torch.from_numpy(ys), flat(xt), torch.from_numpy(yt), 10)

@@ -16,8 +16,10 @@ from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnlin
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.meta import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, WarpPreconditioner
+from metaloss.meta.weighting import AssignGradient
 from metaloss.models import MLP, Conv4, ResNet12, ShapedSine
 from tasks.base import TaskSplits
+from tasks.noisy_label import NoisyLabelTask
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -99,7 +101,9 @@ def test_defaults():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option):
-    cfg = compose_with(f"{group}={option}")
+    # L2RW's weights are sized by a noisy-label task's minibatch: it composes with one
+    noisy = ["task=noisy_digits"] if (group, option) in {("algorithm", "l2rw"), ("inner_loss", "l2rw")} else []
+    cfg = compose_with(f"{group}={option}", *noisy)
     raw = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
     if "_target_" in raw:  # a plain group node: it lands at cfg[group] unchanged
         assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(raw)
@@ -184,10 +188,13 @@ def test_outer_opt_instantiates(option):
     cfg = compose_with(f"outer_opt={option}")
     param = torch.nn.Parameter(torch.zeros(3))
     opt = instantiate(cfg.outer_opt)([param])
-    assert isinstance(opt, {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[option])
-    assert opt.param_groups[0]["lr"] == cfg.outer_opt.lr
     param.grad = torch.ones(3)
     opt.step()
+    if option == "assign_gradient":  # L2RW's: phi holds the meta-gradient
+        assert isinstance(opt, AssignGradient) and torch.equal(param.detach(), torch.ones(3))
+        return
+    assert isinstance(opt, {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[option])
+    assert opt.param_groups[0]["lr"] == cfg.outer_opt.lr
     assert (param < 0).all()
 
 
@@ -215,6 +222,11 @@ def test_task_instantiates(option, mini_root, cifar_root, omniglot_overrides):
     data = omniglot_overrides.get(option, data)
     cfg = compose_with(f"task={option}", "seed=7", *data)
     assert cfg.task.get("seed", 7) == 7  # the one-shot runs are fixed: no seed
+    if option.startswith("noisy_"):  # a training run of the online regime, not a sampler of episodes
+        task = instantiate(cfg.task)
+        assert isinstance(task, NoisyLabelTask) and task.loss == "cross_entropy" and task.horizon > 0
+        assert cfg.model.in_features == task.data.in_features and cfg.model.out_features == task.data.n_classes
+        return
     splits = instantiate(cfg.task)
     assert isinstance(splits, TaskSplits)
     assert splits.loss == {"sinusoid": "mse", "shaped_sine": "mse"}.get(option, "cross_entropy")
@@ -289,6 +301,10 @@ def test_algorithm_overlays_leave_the_task_alone():
         assert cfg.model._target_ == "metaloss.models.Conv4"
 
 
+NOISY_BASELINES = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1"}
+NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online"}
+
+
 @pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] != "logger"], ids=lambda v: str(v))
 def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_root, omniglot_overrides):
     """scripts/common.build on the composed config: task, model, inner_opt, hypergrad and outer_opt together."""
@@ -307,7 +323,14 @@ def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_roo
         overrides += ["inner_loss=ml3_regression"]
     if (group, option) in {("algorithm", "npbml"), ("algorithm", "npbml_loss"), ("inner_loss", "npbml")}:
         overrides += ["task=blobs"]  # NPBML's loss takes its number of classes from task.n_way
+    if group == "task" and option.startswith("noisy_"):
+        overrides += ["algorithm=mwnet"]
+    if (group == "algorithm" and option in NOISY_ALGORITHMS) or (group, option) == ("inner_loss", "l2rw"):
+        overrides += ["task=noisy_digits"]  # the noisy-label methods and baselines
     built = load_common().build(compose_with(*overrides))
+    if group == "algorithm" and option in NOISY_BASELINES:  # nothing is meta-learned: no outer optimizer
+        assert not built.problem.meta_parameters() and built.outer_opt is None
+        return
     assert built.problem.meta_parameters()
     assert len(built.outer_opt.param_groups[0]["params"]) == len(built.problem.meta_parameters())
 

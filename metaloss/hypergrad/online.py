@@ -78,6 +78,11 @@ class EpisodicOnline(HypergradEstimator):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.calls = int(state["calls"])
 
+    def online_estimator(self) -> OnlineEstimator:
+        """A fresh online estimator of this kind and these settings, seeded with `seed`, to walk one
+        long inner problem (e.g. a training run, `metaloss.lookahead.LookaheadTraining`)."""
+        return self.make(self.seed)
+
     def _new_estimator(self) -> OnlineEstimator:
         self.tasks += 1
         return self.make(self.seed * 1_000_003 + self.calls * 10_007 + self.tasks)

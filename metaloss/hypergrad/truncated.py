@@ -31,7 +31,7 @@ class TruncatedBackprop(OnlineEstimator):
         steps = truncation_length(self.lengths, self.count, system.horizon - self.state["t"])
         self.count += 1
         state, loss = system.unroll(detach_state(self.state), broadcast(phi, 1), steps)
-        grads = torch.autograd.grad(loss.sum(), phi, allow_unused=True)
+        grads = torch.autograd.grad(loss.sum(), phi, allow_unused=True) if phi else ()  # no phi: a plain run
         self.state = detach_state(state)
         value = loss.item()
         return HypergradOut(grads=list(grads), outer_loss=value, metrics={"loss": value, "t": float(state["t"])})

@@ -38,7 +38,8 @@ CASES: dict[str, Case] = {
     "negative_inner_lr": Case(["inner_opt.lr=-1"], 2, "inner learning rate must be >= 0, got -1"),
     "zero_inner_steps": Case(["problem.inner_steps=0"], 2, "problem.inner_steps must be >= 1"),
     "unknown_task": Case(["task=nope"], 2, "unknown task 'nope'; available: "),
-    "unknown_algorithm": Case(["algorithm=nope"], 2, "unknown algorithm 'nope'; available: anil, fomaml, imaml"),
+    "unknown_algorithm": Case(["algorithm=nope"], 2,
+                              "unknown algorithm 'nope'; available: anil, clean_only, cross_entropy"),  # fmt: skip
     "negative_outer_lr": Case(["outer_opt.lr=-1"], 2, "outer_opt: Invalid learning rate: -1"),
     "baseline_enabled_word": Case(["baseline.enabled=sometimes"], 2, "baseline.enabled must be true, false or auto"),
     "meta_steps_not_an_int": Case(["train.meta_steps=abc"], 2, "train.meta_steps: Value 'abc' of type 'str' could not"),
@@ -54,6 +55,17 @@ CASES: dict[str, Case] = {
     "empty_test_steps": Case(["test.steps=[]"], 2, "test.steps must be a non-empty list of ints >= 0"),
     "one_way_task": Case(["task=omniglot", "task.n_way=1"], 2, "task.n_way must be >= 2, got 1"),
     "no_query_examples": Case(["task=omniglot", "task.q_query=0"], 2, "task.q_query must be >= 1, got 0"),
+    # noisy-label tasks
+    "unknown_noise_type": Case(["task=noisy_digits", "task.noise.type=gaussian"], 2, "unknown noise type 'gaussian'"),
+    "noise_rate_one": Case(["task=noisy_digits", "task.noise.rate=1.0"], 2, "noise rate must be in [0, 1), got 1.0"),
+    "meta_set_larger_than_a_class": Case(["task=noisy_digits", "task.meta_per_class=500"], 2,
+                                         "meta_per_class=500 takes all of class 0"),  # fmt: skip
+    "pair_map_missing_class": Case(["task=noisy_digits", "task.noise.type=pair", "task.noise.pair_map={{0:12}}"], 2,
+                                   "pair_map names classes [12], but the data has classes 0..9"),  # fmt: skip
+    "noisy_data_root_without_files": Case(["task=noisy_fashion_mnist", "task.data.root=/nonexistent"], 2,
+                                          "set task.data.root="),  # fmt: skip
+    "es_on_a_noisy_task": Case(["task=noisy_digits", "hypergrad=pes"], 2,
+                               "a noisy-label task runs in the online regime with truncated backpropagation"),
     # combinations that cannot learn
     "implicit_on_plain_maml": Case(["hypergrad=implicit_cg"], 2, "Implicit gives no meta-parameter a gradient"),
     "truncation_cuts_the_init": Case(["hypergrad=truncated", "problem.inner_steps=3"], 2,

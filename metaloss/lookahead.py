@@ -1,0 +1,115 @@
+"""One training run as the online regime's inner problem, with phi updated from look-aheads (the
+noisy-label methods: MW-Net, L2RW, a learned loss trained online; Shu et al. 2019, Ren et al. 2018).
+
+The run trains the problem's model on the episode's support set (the noisy training set), in
+minibatches (`BilevelProblem.inner_batch_size`, shuffled per epoch with `shuffle_seed`), through the
+problem's inner optimizer (momentum, Adam state and weight decay included) with its inner loss
+L_inner(.; phi). A truncation of K steps from (w_t, s_t) is a look-ahead
+
+    w_{t+K}(phi), s_{t+K}(phi) = InnerOpt^K(L_inner(.; phi), w_t, s_t),
+    loss = L_outer(f(x_m; w_{t+K}(phi)), y_m)
+
+with (x_m, y_m) a meta batch of the episode's query set (the clean meta set), fresh for each
+truncation; `TruncatedBackprop` differentiates it into phi (K = 1: MW-Net's one-step look-ahead).
+
+real_step="after_update" (MW-Net's order): the look-ahead is virtual; the K real steps from (w_t,
+s_t) are taken, with phi as the outer optimizer left it after this truncation, at the start of the
+next truncation (and by `finish` after the last). real_step="lookahead": the look-ahead's steps are
+the real ones (phi one update behind; one pass fewer per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metaloss.errors import ConfigError
+from metaloss.functional import detach_params, tree_detach
+from metaloss.online import State
+from metaloss.problem import BilevelProblem
+from metaloss.types import Episode, Params
+
+REAL_STEPS = ("after_update", "lookahead")
+
+
+def meta_rows(seed: int, t: int, n: int, size: int | None) -> Tensor:
+    """The meta batch of the truncation that starts at step t: `size` rows of n, drawn from (seed, t)
+    (None: all n rows)."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    seeds = np.random.SeedSequence([seed, t, 7]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(seeds[0]) << 32 | int(seeds[1]))
+    return torch.randperm(n, generator=g)[:size]
+
+
+class LookaheadTraining:
+    """A `TruncatedSystem` (see the module docstring): `horizon` steps of training on
+    `episode.support_*`, look-aheads scored on `meta_batch_size` rows of `episode.query_*`.
+    The model that results is `finish(state, phi)`; `params(state)` is the one trained so far."""
+
+    def __init__(self, problem: BilevelProblem, episode: Episode, horizon: int, meta_batch_size: int | None = None,
+                 seed: int = 0, real_step: str = "after_update") -> None:  # fmt: skip
+        if problem.inner_batch_size is None:
+            raise ConfigError("a training run needs minibatches: set the problem's inner_batch_size")
+        if real_step not in REAL_STEPS:
+            raise ConfigError(f"unknown real_step {real_step!r}; expected one of {REAL_STEPS}")
+        if horizon < 1 or (meta_batch_size is not None and meta_batch_size < 1):
+            raise ConfigError(f"need horizon >= 1 and meta_batch_size >= 1 or None, got {horizon}, {meta_batch_size}")
+        self.problem, self.episode, self.horizon = problem, episode, horizon
+        self.meta_batch_size, self.seed, self.real_step = meta_batch_size, seed, real_step
+
+    def init(self, particles: int) -> State:
+        """Every particle at w0 (the problem's initialisation, detached) with a fresh optimizer state."""
+        w0, _ = self.problem.initial_params(self.episode)
+        return {"t": 0, "pending": 0, "particles": [(detach_params(w0), None) for _ in range(particles)]}
+
+    def _advance(self, problem: BilevelProblem, params: Params, opt_state: Any, t: int, steps: int,
+                 graph: bool) -> Any:  # fmt: skip
+        """`steps` training steps from step t; graph=False: no graph to phi (the real steps)."""
+        w0, frozen = problem.initial_params(self.episode)
+        with torch.enable_grad():
+            return problem.run_inner(self.episode, params, detach_params(w0), detach_params(frozen), steps,
+                                     opt_state=opt_state, first_step=t,
+                                     differentiable_steps=None if graph else 0)  # fmt: skip
+
+    def _real_steps(self, state: State, phi: Sequence[Tensor]) -> State:
+        """Take the pending real steps of every particle with (detached) phi."""
+        if not state["pending"]:
+            return state
+        t0, particles = state["t"] - state["pending"], []
+        for i, (params, opt_state) in enumerate(state["particles"]):
+            problem = self.problem.with_meta_parameters([p[i].detach() for p in phi]) if phi else self.problem
+            result = self._advance(problem, params, opt_state, t0, state["pending"], graph=False)
+            particles.append((detach_params(result.params), tree_detach(result.opt_state)))
+        return {"t": state["t"], "pending": 0, "particles": particles}
+
+    def unroll(self, state: State, phi: Sequence[Tensor], steps: int) -> tuple[State, Tensor]:
+        state = self._real_steps(state, phi)
+        t, losses, particles = state["t"], [], []
+        rows = meta_rows(self.seed, t, len(self.episode.query_x), self.meta_batch_size)
+        meta = Episode(self.episode.support_x, self.episode.support_y, self.episode.query_x[rows],
+                       self.episode.query_y[rows])  # fmt: skip
+        for i, (params, opt_state) in enumerate(state["particles"]):
+            problem = self.problem.with_meta_parameters([p[i] for p in phi]) if phi else self.problem
+            result = self._advance(problem, detach_params(params), tree_detach(opt_state), t, steps, graph=True)
+            _, frozen = problem.initial_params(self.episode)
+            losses.append(problem.query_loss({**detach_params(frozen), **result.params}, meta)[0])
+            carried = (params, opt_state) if self.real_step == "after_update" else (
+                detach_params(result.params), tree_detach(result.opt_state))  # fmt: skip
+            particles.append(carried)
+        pending = steps if self.real_step == "after_update" else 0
+        return {"t": t + steps, "pending": pending, "particles": particles}, torch.stack(losses)
+
+    def finish(self, state: State, phi: Sequence[Tensor]) -> Params:
+        """The trained model's parameters (particle 0) after the pending real steps, taken with phi."""
+        state = self._real_steps(state, [p.unsqueeze(0).expand(len(state["particles"]), *p.shape) for p in phi])
+        return self.params(state)
+
+    def params(self, state: State) -> Params:
+        """All parameters of particle 0's model as trained so far (pending real steps not taken)."""
+        _, frozen = self.problem.initial_params(self.episode)
+        return {**detach_params(frozen), **state["particles"][0][0]}

@@ -1,0 +1,137 @@
+"""meta_train.py's online regime for a noisy-label task (`tasks.noisy_label.NoisyLabelTask`): one model
+trained on the noisy set while phi (a weighting net, L2RW's weights, a learned loss, or nothing: a
+baseline) is updated from look-aheads on the clean meta set, through the one outer loop (checkpoints,
+exact resume, non-finite guard). Every epoch: test accuracy, the training loss on the noisy labels,
+and, from the hidden noise mask (analysis only), the accuracy against the true labels of the training
+rows and how the weights separate clean from noisy rows (mean weights, AUC, histograms)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaloss.engine import MetaTrainer
+from metaloss.errors import ConfigError
+from metaloss.functional import forward
+from metaloss.hypergrad import EpisodicOnline
+from metaloss.lookahead import LookaheadTraining
+from metaloss.meta.weighting import weight_separation
+from metaloss.online import SystemUpdates, check_truncation, truncation_length
+from metaloss.problem import BilevelProblem
+from tasks.noisy_label import NoisyLabelTask
+
+ANALYSIS_ROWS = 5000  # training rows scored every epoch (the first ones: the noise is i.i.d. over rows)
+
+
+def truncation_count(horizon: int, truncation: Any) -> int:
+    """How many truncations of the schedule `truncation` make up `horizon` steps."""
+    lengths, t, count = check_truncation(truncation), 0, 0
+    while t < horizon:
+        t += truncation_length(lengths, count, horizon - t)
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def classify(problem: BilevelProblem, params: dict[str, Tensor], x: Tensor, y: Tensor, batch: int = 2000
+             ) -> tuple[float, float, Tensor]:  # fmt: skip
+    """Mean cross-entropy and accuracy of the model with `params` on (x, y), and the logits [N, C]."""
+    logits = torch.cat([forward(problem.model, params, x[i : i + batch]) for i in range(0, len(x), batch)])
+    loss = torch.nn.functional.cross_entropy(logits, y).item()
+    return loss, (logits.argmax(1) == y).float().mean().item(), logits
+
+
+class OnlineTaskRun:
+    """The pieces of one run, built from what `common.build` made of the config."""
+
+    def __init__(self, task: NoisyLabelTask, problem: BilevelProblem, estimator: Any, outer_opt: Any, seed: int,
+                 max_bad_steps: int) -> None:  # fmt: skip
+        if not isinstance(estimator, EpisodicOnline) or estimator.kind != "tbptt" or estimator.update == "horizon":
+            raise ConfigError("a noisy-label task runs in the online regime with truncated backpropagation: "
+                              "hypergrad=tbptt with hypergrad.update=truncation or an int (the task config sets "
+                              "it; pes and es_single are not wired to noisy-label tasks yet)")  # fmt: skip
+        every = 1 if estimator.update == "truncation" else int(estimator.update)
+        episode = task.episode()
+        problem.inner_batch_size, problem.shuffle_seed = task.inner_batch_size, seed
+        self.phi = problem.meta_parameters()
+        real_step = task.real_step if self.phi else "lookahead"  # nothing to update: one pass per step
+        self.task, self.problem = task, problem
+        self.system = LookaheadTraining(problem, episode, task.horizon, task.meta_batch_size, seed, real_step)
+        self.online = estimator.online_estimator()
+        truncations = truncation_count(task.horizon, self.online.lengths)
+        self.updates = SystemUpdates(self.system, self.online, every, truncations)
+        self.meta_steps = -(-truncations // every)
+        self.trainer = MetaTrainer(problem, self.updates, outer_opt, max_bad_steps=max_bad_steps)
+        self.epochs_logged = 0
+        n = min(ANALYSIS_ROWS, len(task.data.y_train))
+        self.analysis = (task.data.x_train[:n], task.data.y_train[:n], task.truth.y_true[:n], task.truth.is_noisy[:n])
+
+    def state(self) -> dict[str, Any]:
+        return self.online.state  # the system state TruncatedBackprop carries
+
+    def epoch_metrics(self, params: dict[str, Tensor]) -> tuple[dict[str, float], Tensor | None]:
+        """Test accuracy, the noisy-label training loss, the true-label training accuracy and (for a
+        per-sample weighting) the weight separation, on the analysis rows; and their weights."""
+        data = self.task.data
+        test_loss, test_acc, _ = classify(self.problem, params, data.x_test, data.y_test)
+        x, y_noisy, y_true, is_noisy = self.analysis
+        train_loss, train_acc, logits = classify(self.problem, params, x, y_noisy)
+        metrics = {"test_accuracy": test_acc, "test_loss": test_loss, "train_loss_noisy_labels": train_loss,
+                   "train_accuracy_noisy_labels": train_acc,
+                   "train_accuracy_true_labels": (logits.argmax(1) == y_true).float().mean().item()}  # fmt: skip
+        loss, weights = self.problem.inner_loss, None
+        if hasattr(loss, "weights") and getattr(loss.weighter, "depends_on_sample", True):
+            with torch.no_grad():
+                weights = loss.weights(logits, y_noisy)
+            metrics.update(weight_separation(weights, is_noisy))
+        return metrics, weights
+
+    def after_step(self, logger: Any, trainer: MetaTrainer) -> None:
+        """At every epoch boundary the look-ahead frontier crossed: the epoch's metrics to the logger."""
+        state = self.state()
+        if state is None:
+            return
+        epoch = state["t"] // self.task.steps_per_epoch
+        if epoch <= self.epochs_logged:
+            return
+        self.epochs_logged = epoch
+        metrics, weights = self.epoch_metrics(self.system.params(state))
+        logger.log(epoch, metrics, prefix="epoch/")
+        writer = getattr(logger, "writer", None)
+        if weights is not None and writer is not None and self.analysis[3].any() and (~self.analysis[3]).any():
+            writer.add_histogram("weights/clean", weights[~self.analysis[3]], epoch)
+            writer.add_histogram("weights/noisy", weights[self.analysis[3]], epoch)
+
+    def finish(self) -> tuple[dict[str, Any], Tensor | None]:
+        """The trained model (pending real steps taken with the final phi) and its final metrics."""
+        params = self.system.finish(self.state(), self.phi)
+        metrics, weights = self.epoch_metrics(params)
+        truth = self.task.truth
+        metrics.update({"noise_rate_realised": truth.noise_rate, "train_rows": len(self.task.data.y_train),
+                        "meta_rows": len(self.task.data.y_meta), "epochs": self.task.epochs,
+                        "training_steps": self.task.horizon})  # fmt: skip
+        return metrics, weights
+
+
+def save_weight_histogram(weights: Tensor, is_noisy: Tensor, path: Path, title: str) -> Path:
+    """Histograms of the final weights of clean and of noisy training rows, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = torch.linspace(float(weights.min()), float(weights.max()) + 1e-6, 41).tolist()
+    ax.hist(weights[~is_noisy].tolist(), bins=bins, alpha=0.6, label=f"clean ({int((~is_noisy).sum())})")
+    ax.hist(weights[is_noisy].tolist(), bins=bins, alpha=0.6, label=f"noisy ({int(is_noisy.sum())})")
+    ax.set_xlabel("weight")
+    ax.set_ylabel("training rows")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

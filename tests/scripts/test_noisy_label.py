@@ -1,0 +1,107 @@
+"""scripts/meta_train.py on the noisy-label tasks, as a user runs it (scikit-learn's digits, a few
+epochs): every method runs end to end and writes metrics.json (final test accuracy), TensorBoard
+events (per-epoch test accuracy, the weights' separation of clean and noisy rows) and a checkpoint;
+runs are deterministic; a killed run resumes to the uninterrupted result bitwise."""
+
+from __future__ import annotations
+
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from script_runner import TIMING_KEYS, run_all, run_script
+from test_resume import killed_after_first_checkpoint
+
+BASE = ["task=noisy_digits", "task.epochs=2", "progress=false", "threads=1"]
+METHODS = {
+    "cross_entropy": ["algorithm=cross_entropy"],
+    "clean_only": ["algorithm=clean_only"],
+    "gce": ["algorithm=gce", "logger=none"],
+    "sce": ["algorithm=sce", "logger=none"],
+    "nce_rce": ["algorithm=nce_rce", "logger=none"],
+    "poly1": ["algorithm=poly1", "logger=none"],
+    "mwnet": ["algorithm=mwnet", "task.noise.rate=0.6"],
+    "l2rw": ["algorithm=l2rw", "task.noise.rate=0.6", "logger=none"],
+    "ml3_online": ["algorithm=ml3_online", "logger=none"],
+    "mwnet_pair_k2": ["algorithm=mwnet", "task.noise.type=pair", "hypergrad.truncation=2", "logger=none"],
+    "mwnet_instance_adam": ["algorithm=mwnet", "task.noise.type=instance", "inner_opt=adam", "inner_opt.lr=0.01",
+                            "logger=none"],  # fmt: skip
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("noisy")
+    plans = {name: BASE + overrides for name, overrides in METHODS.items()}
+    plans["mwnet_again"] = plans["mwnet"]
+    return run_all(base, plans)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_trains_a_model_and_reports_its_test_accuracy(runs, name):
+    run = runs[name]
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert run.last_stdout_json() == metrics
+    assert metrics["task"] == "noisy_digits" and metrics["algorithm"] == METHODS[name][0].split("=")[1]
+    assert metrics["training_steps"] == 2 * (metrics["train_rows"] // 64) and metrics["epochs"] == 2
+    assert metrics["meta_steps"] == -(-metrics["training_steps"] // (2 if name == "mwnet_pair_k2" else 1))
+    if name != "ml3_online":  # a learned loss from its random start need not train in two epochs
+        assert 0.1 < metrics["test_accuracy"] <= 1.0  # above chance after two epochs
+    assert (run.dir / "checkpoint.pt").is_file()
+    weighted = name.startswith("mwnet")
+    assert ("weight_auc" in metrics) == weighted and ((run.dir / "weights.png").is_file()) == weighted
+    if name == "ml3_online":
+        assert "inner_loss.safetensors" in metrics["saved"]
+
+
+def test_methods_differ_and_runs_repeat(runs):
+    acc = {name: runs[name].metrics()["test_accuracy"] for name in METHODS}
+    assert len(set(acc.values())) >= 6
+    a, b = runs["mwnet"].metrics(), runs["mwnet_again"].metrics()
+    skip = TIMING_KEYS | {"seconds_per_epoch"}
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def test_tensorboard_has_the_epoch_metrics_and_the_weight_histograms(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["mwnet"].dir / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("epoch/test_accuracy", "epoch/train_loss_noisy_labels", "epoch/weight_clean", "epoch/weight_noisy",
+                "epoch/weight_auc", "final/test_accuracy"):  # fmt: skip
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in acc.Scalars("epoch/test_accuracy")] == [1, 2]
+    assert acc.Scalars("final/test_accuracy")[0].value == pytest.approx(runs["mwnet"].metrics()["test_accuracy"])
+    assert {"weights/clean", "weights/noisy"} <= set(tags["histograms"])
+    assert "meta_train/loss" in tags["scalars"]
+
+
+def test_the_clean_only_baseline_trains_on_the_meta_set(runs):
+    clean, noisy = runs["clean_only"].metrics(), runs["cross_entropy"].metrics()
+    assert clean["training_steps"] == noisy["training_steps"] and clean["test_accuracy"] != noisy["test_accuracy"]
+
+
+def test_a_killed_noisy_label_run_resumes_bitwise(tmp_path):
+    plan = ["task=noisy_digits", "algorithm=mwnet", "task.epochs=4", "train.checkpoint_every=7", "logger=none",
+            "progress=false", "threads=1"]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        whole = pool.submit(run_script, tmp_path / "whole", plan)
+        status = pool.submit(killed_after_first_checkpoint, tmp_path / "killed", plan).result()
+    resumed, whole = run_script(tmp_path / "killed", plan), whole.result()
+    assert whole.returncode == 0, whole.explain()
+    assert status == -signal.SIGKILL and resumed.returncode == 0, resumed.explain()
+    assert "resuming at look-ahead" in resumed.stderr
+    a, b = whole.metrics(), resumed.metrics()
+    assert a["resumed_from_step"] is None and 0 < b["resumed_from_step"] < a["meta_steps"]
+    skip = TIMING_KEYS | {"resumed_from_step", "seconds_per_epoch"}
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+    ca = torch.load(whole.dir / "checkpoint.pt", weights_only=True)
+    cb = torch.load(resumed.dir / "checkpoint.pt", weights_only=True)
+    for module in ca["meta"]:
+        assert all(torch.equal(ca["meta"][module][k], cb["meta"][module][k]) for k in ca["meta"][module])
+    model_a = ca["estimator"]["estimator"]["state"]["particles"][0][0]
+    model_b = cb["estimator"]["estimator"]["state"]["particles"][0][0]
+    assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
