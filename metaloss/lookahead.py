@@ -12,6 +12,10 @@ L_inner(.; phi). A truncation of K steps from (w_t, s_t) is a look-ahead
 with (x_m, y_m) a meta batch of the episode's query set (the clean meta set), fresh for each
 truncation; `TruncatedBackprop` differentiates it into phi (K = 1: MW-Net's one-step look-ahead).
 
+meta_source="train" (self-taught rescaling, STORM-style): no clean data; the meta batch is the
+`meta_batch_size` rows that the current inner loss's `weights` rank highest among `select_factor`
+times as many rows drawn from the training set, scored with their (noisy) labels.
+
 real_step="after_update" (MW-Net's order): the look-ahead is virtual; the K real steps from (w_t,
 s_t) are taken, with phi as the outer optimizer left it after this truncation, at the start of the
 next truncation (and by `finish` after the last). real_step="lookahead": the look-ahead's steps are
@@ -31,17 +35,18 @@ from metaloss.errors import ConfigError
 from metaloss.functional import detach_params, tree_detach
 from metaloss.online import State
 from metaloss.problem import BilevelProblem
-from metaloss.types import Episode, Params
+from metaloss.types import Episode, LossContext, Params
 
 REAL_STEPS = ("after_update", "lookahead")
+META_SOURCES = ("meta", "train")
 
 
-def meta_rows(seed: int, t: int, n: int, size: int | None) -> Tensor:
-    """The meta batch of the truncation that starts at step t: `size` rows of n, drawn from (seed, t)
-    (None: all n rows)."""
+def meta_rows(seed: int, t: int, n: int, size: int | None, stream: int = 7) -> Tensor:
+    """The meta batch of the truncation that starts at step t: `size` rows of n, drawn from (seed, t,
+    stream) (None: all n rows)."""
     if size is None or size >= n:
         return torch.arange(n)
-    seeds = np.random.SeedSequence([seed, t, 7]).generate_state(2, dtype=np.uint32)
+    seeds = np.random.SeedSequence([seed, t, stream]).generate_state(2, dtype=np.uint32)
     g = torch.Generator().manual_seed(int(seeds[0]) << 32 | int(seeds[1]))
     return torch.randperm(n, generator=g)[:size]
 
@@ -52,15 +57,23 @@ class LookaheadTraining:
     The model that results is `finish(state, phi)`; `params(state)` is the one trained so far."""
 
     def __init__(self, problem: BilevelProblem, episode: Episode, horizon: int, meta_batch_size: int | None = None,
-                 seed: int = 0, real_step: str = "after_update") -> None:  # fmt: skip
+                 seed: int = 0, real_step: str = "after_update", meta_source: str = "meta",
+                 select_factor: int = 4) -> None:  # fmt: skip
         if problem.inner_batch_size is None:
             raise ConfigError("a training run needs minibatches: set the problem's inner_batch_size")
         if real_step not in REAL_STEPS:
             raise ConfigError(f"unknown real_step {real_step!r}; expected one of {REAL_STEPS}")
         if horizon < 1 or (meta_batch_size is not None and meta_batch_size < 1):
             raise ConfigError(f"need horizon >= 1 and meta_batch_size >= 1 or None, got {horizon}, {meta_batch_size}")
+        if meta_source not in META_SOURCES or select_factor < 1:
+            raise ConfigError(f"need meta_source in {META_SOURCES} and select_factor >= 1, got {meta_source!r} and "
+                              f"{select_factor}")  # fmt: skip
+        if meta_source == "train" and (meta_batch_size is None or not hasattr(problem.inner_loss, "weights")):
+            raise ConfigError("meta_source=train selects its meta batch with the inner loss's weights: it needs a "
+                              "weighted inner loss and a meta_batch_size")  # fmt: skip
         self.problem, self.episode, self.horizon = problem, episode, horizon
         self.meta_batch_size, self.seed, self.real_step = meta_batch_size, seed, real_step
+        self.meta_source, self.select_factor = meta_source, select_factor
 
     def init(self, particles: int) -> State:
         """Every particle at w0 (the problem's initialisation, detached) with a fresh optimizer state."""
@@ -90,9 +103,7 @@ class LookaheadTraining:
     def unroll(self, state: State, phi: Sequence[Tensor], steps: int) -> tuple[State, Tensor]:
         state = self._real_steps(state, phi)
         t, losses, particles = state["t"], [], []
-        rows = meta_rows(self.seed, t, len(self.episode.query_x), self.meta_batch_size)
-        meta = Episode(self.episode.support_x, self.episode.support_y, self.episode.query_x[rows],
-                       self.episode.query_y[rows])  # fmt: skip
+        meta = self._meta_batch(t, state["particles"][0][0])
         for i, (params, opt_state) in enumerate(state["particles"]):
             problem = self.problem.with_meta_parameters([p[i] for p in phi]) if phi else self.problem
             result = self._advance(problem, detach_params(params), tree_detach(opt_state), t, steps, graph=True)
@@ -103,6 +114,26 @@ class LookaheadTraining:
             particles.append(carried)
         pending = steps if self.real_step == "after_update" else 0
         return {"t": t + steps, "pending": pending, "particles": particles}, torch.stack(losses)
+
+    def _meta_batch(self, t: int, params: Params) -> Episode:
+        """The episode whose query set scores the look-ahead that starts at step t: rows of the meta
+        set, or (meta_source="train") the training rows the current weighting ranks highest under
+        the model `params` (particle 0's)."""
+        e = self.episode
+        if self.meta_source == "meta":
+            rows = meta_rows(self.seed, t, len(e.query_x), self.meta_batch_size)
+            return Episode(e.support_x, e.support_y, e.query_x[rows], e.query_y[rows])
+        assert self.meta_batch_size is not None
+        candidates = meta_rows(self.seed, t, len(e.support_x), self.meta_batch_size * self.select_factor, stream=8)
+        x, y = e.support_x[candidates], e.support_y[candidates]
+        _, frozen = self.problem.initial_params(e)
+        full = {**detach_params(frozen), **detach_params(params)}
+        with torch.no_grad():
+            logits = self.problem.predict(full, x)
+            context = LossContext(x, full, None, e, lambda inputs: self.problem.predict(full, inputs))
+            weights = self.problem.inner_loss.weights(logits, y, context)  # [k * m]
+        keep = candidates[weights.topk(self.meta_batch_size).indices]
+        return Episode(e.support_x, e.support_y, e.support_x[keep], e.support_y[keep])
 
     def finish(self, state: State, phi: Sequence[Tensor]) -> Params:
         """The trained model's parameters (particle 0) after the pending real steps, taken with phi."""

@@ -21,6 +21,7 @@ from metaloss.lookahead import LookaheadTraining
 from metaloss.meta.weighting import weight_separation
 from metaloss.online import SystemUpdates, check_truncation, truncation_length
 from metaloss.problem import BilevelProblem
+from metaloss.types import LossContext
 from tasks.noisy_label import NoisyLabelTask
 
 ANALYSIS_ROWS = 5000  # training rows scored every epoch (the first ones: the noise is i.i.d. over rows)
@@ -59,7 +60,8 @@ class OnlineTaskRun:
         self.phi = problem.meta_parameters()
         real_step = task.real_step if self.phi else "lookahead"  # nothing to update: one pass per step
         self.task, self.problem = task, problem
-        self.system = LookaheadTraining(problem, episode, task.horizon, task.meta_batch_size, seed, real_step)
+        self.system = LookaheadTraining(problem, episode, task.horizon, task.meta_batch_size, seed, real_step,
+                                        task.meta_source, task.select_factor)  # fmt: skip
         self.online = estimator.online_estimator()
         truncations = truncation_count(task.horizon, self.online.lengths)
         self.updates = SystemUpdates(self.system, self.online, every, truncations)
@@ -84,8 +86,10 @@ class OnlineTaskRun:
                    "train_accuracy_true_labels": (logits.argmax(1) == y_true).float().mean().item()}  # fmt: skip
         loss, weights = self.problem.inner_loss, None
         if hasattr(loss, "weights") and getattr(loss.weighter, "depends_on_sample", True):
+            context = LossContext(x, params, None, self.system.episode, lambda inputs: forward(self.problem.model,
+                                                                                              params, inputs))
             with torch.no_grad():
-                weights = loss.weights(logits, y_noisy)
+                weights = loss.weights(logits, y_noisy, context)
             metrics.update(weight_separation(weights, is_noisy))
         return metrics, weights
 

@@ -187,8 +187,9 @@ class NoisyLabelTask:
     """A noisy-label training run, the online regime's task: one model trained for `epochs` epochs
     of minibatches of `batch_size` on the noisy training set (train_on="meta": on the clean meta set
     alone, the same number of steps, a baseline), phi updated from look-aheads scored on
-    `meta_batch_size` rows of the clean meta set (None: all of it). `real_step` is the look-ahead
-    order of `metaloss.lookahead.LookaheadTraining`. `truth` is for analysis metrics only."""
+    `meta_batch_size` rows of the clean meta set (None: all of it), or (meta_source="train") on the
+    noisy rows the weighting ranks highest among `select_factor` times as many. `real_step` is the
+    look-ahead order of `metaloss.lookahead.LookaheadTraining`. `truth` is for analysis metrics only."""
 
     online = True  # a task of the online regime (scripts/online_task.py), not a sampler of episodes
     data: NoisyLabelData
@@ -198,6 +199,8 @@ class NoisyLabelTask:
     meta_batch_size: int | None = 100
     train_on: str = "noisy"
     real_step: str = "after_update"
+    meta_source: str = "meta"
+    select_factor: int = 4
     loss: str = "cross_entropy"
     metric: str | None = "accuracy"
 
@@ -209,8 +212,9 @@ class NoisyLabelTask:
                               f"task.epochs >= 1, got {self.batch_size} and {self.epochs}")  # fmt: skip
         if self.meta_batch_size is not None and self.meta_batch_size < 1:
             raise ConfigError(f"task.meta_batch_size must be >= 1 or null, got {self.meta_batch_size}")
-        if len(self.data.y_meta) == 0:
-            raise ConfigError("the look-aheads and train_on=meta need a clean meta set: task.meta_per_class >= 1")
+        if len(self.data.y_meta) == 0 and (self.meta_source == "meta" or self.train_on == "meta"):
+            raise ConfigError("look-aheads scored on the meta set and train_on=meta need a clean meta set: "
+                              "task.meta_per_class >= 1 (or meta_source=train, STORM-style)")  # fmt: skip
 
     @property
     def steps_per_epoch(self) -> int:

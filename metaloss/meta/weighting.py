@@ -17,6 +17,20 @@ from metaloss.errors import ConfigError
 from metaloss.losses import get_loss
 
 
+def seeded_mlp(sizes: Sequence[int], seed: int) -> nn.Sequential:
+    """Linear layers of `sizes` with ReLU between them, PyTorch's default initialisation drawn from
+    the module's own `seed` (not the global RNG)."""
+    g, layers = torch.Generator().manual_seed(seed), []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        linear = nn.Linear(a, b)
+        with torch.no_grad():
+            bound = 1 / a**0.5
+            linear.weight.uniform_(-bound, bound, generator=g)
+            linear.bias.uniform_(-bound, bound, generator=g)
+        layers += [linear] if i == len(sizes) - 2 else [linear, nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
 class LossToWeight(nn.Module):
     """MW-Net's weighting function (Shu et al. 2019, "Meta-Weight-Net"): an MLP from a sample's loss
     to its weight in (0, 1), 1-100-1 with ReLU and a sigmoid output. l [B] -> v [B]."""
@@ -25,16 +39,7 @@ class LossToWeight(nn.Module):
         super().__init__()
         if not hidden or any(h < 1 for h in hidden):
             raise ConfigError(f"weight net hidden sizes must be >= 1, got {list(hidden)}")
-        g = torch.Generator().manual_seed(seed)
-        sizes, layers = [1, *hidden, 1], []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            linear = nn.Linear(a, b)
-            with torch.no_grad():  # PyTorch's default init, from the module's own seed
-                bound = 1 / a**0.5
-                linear.weight.uniform_(-bound, bound, generator=g)
-                linear.bias.uniform_(-bound, bound, generator=g)
-            layers += [linear] if i == len(sizes) - 2 else [linear, nn.ReLU()]
-        self.net = nn.Sequential(*layers)
+        self.net = seeded_mlp([1, *hidden, 1], seed)
 
     def forward(self, losses: Tensor) -> Tensor:
         return torch.sigmoid(self.net(losses[:, None])).squeeze(1)  # [B]
@@ -42,24 +47,76 @@ class LossToWeight(nn.Module):
 
 class WeightedLoss(nn.Module):
     """A (logits, targets) -> scalar inner loss: the `loss`'s per-sample values weighted by
-    `weighter` (fed with the detached per-sample losses). normalize: divide by the sum of the weights
-    instead of the batch size (MW-Net's early code and L2RW; zero weights give a zero loss)."""
+    `weighter` (fed with the detached per-sample losses; a weighter that sets `needs_context` gets
+    (losses, logits, targets, context) instead, the `LossContext` of the batch, e.g. to run the
+    model again). normalize: divide by the sum of the weights instead of the batch size (MW-Net's
+    early code and L2RW; zero weights give a zero loss)."""
 
     def __init__(self, weighter: nn.Module, loss: str = "cross_entropy", normalize: bool = False) -> None:
         super().__init__()
         self.weighter, self.loss_name, self.normalize = weighter, loss, normalize
         self.per_sample = get_loss(loss)
 
-    def weights(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """v [B] for a batch (what an analysis of clean and noisy rows reads)."""
-        return self.weighter(self.per_sample(logits, targets, reduction="none").detach())
+    @property
+    def needs_context(self) -> bool:
+        return bool(getattr(self.weighter, "needs_context", False))
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def _weigh(self, losses: Tensor, logits: Tensor, targets: Tensor, context: Any) -> Tensor:
+        if not self.needs_context:
+            return self.weighter(losses.detach())
+        if context is None:
+            name = type(self.weighter).__name__
+            raise ConfigError(f"{name} weighs samples from the model itself: it needs a LossContext (the inputs "
+                              "and the model); ordinary training does not give one")  # fmt: skip
+        return self.weighter(losses.detach(), logits.detach(), targets, context)
+
+    def weights(self, logits: Tensor, targets: Tensor, context: Any = None) -> Tensor:
+        """v [B] for a batch (what an analysis of clean and noisy rows reads)."""
+        return self._weigh(self.per_sample(logits, targets, reduction="none"), logits, targets, context)
+
+    def forward(self, logits: Tensor, targets: Tensor, context: Any = None) -> Tensor:
         losses = self.per_sample(logits, targets, reduction="none")  # [B]
-        v = self.weighter(losses.detach())  # [B]
+        v = self._weigh(losses, logits, targets, context)  # [B]
         if self.normalize:
             return (v * losses).sum() / v.sum().clamp_min(1e-8)
         return (v * losses).mean()
+
+
+class ModelFeatureRescaler(nn.Module):
+    """Self-taught loss rescaling in the style of STORM (Heck et al. 2025): a sample's weight in (0, 1)
+    from features of the model being trained only (no clean data, no label-noise prior),
+
+        v_i = sigmoid(MLP([l_i, max_k p_ik, H(p_i), mean_s l_i^(s), std_s l_i^(s)])),
+
+    l_i the sample's loss, p_i its softmax, H the entropy, and l_i^(s) its loss under `passes`
+    stochastic forward passes of the model with dropout (rate `dropout`) on the inputs (the model
+    need not have dropout layers). All features are detached. Its meta batches come from the noisy
+    corpus itself, the rows it weighs highest (`LookaheadTraining(meta_source="train")`)."""
+
+    needs_context = True
+    FEATURES = ("loss", "confidence", "entropy", "dropout_loss_mean", "dropout_loss_std")
+
+    def __init__(self, hidden: Sequence[int] = (32,), passes: int = 4, dropout: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        if passes < 2 or not 0 < dropout < 1:
+            raise ConfigError(f"the rescaler needs passes >= 2 and 0 < dropout < 1, got {passes} and {dropout}")
+        self.passes, self.dropout = passes, dropout
+        self.net = seeded_mlp([len(self.FEATURES), *hidden, 1], seed)
+
+    def features(self, losses: Tensor, logits: Tensor, targets: Tensor, context: Any) -> Tensor:
+        """[B, 5]: the FEATURES of each sample, detached."""
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            log_p = logits.log_softmax(-1)  # [B, C]
+            confidence = log_p.max(-1).values.exp()
+            entropy = -(log_p.exp() * log_p).sum(-1)
+            noisy = torch.stack([F.cross_entropy(context.predict(F.dropout(context.inputs, self.dropout, True)),
+                                                 targets, reduction="none") for _ in range(self.passes)])  # [S, B]
+            return torch.stack([losses, confidence, entropy, noisy.mean(0), noisy.std(0, unbiased=False)], -1)
+
+    def forward(self, losses: Tensor, logits: Tensor, targets: Tensor, context: Any) -> Tensor:
+        return torch.sigmoid(self.net(self.features(losses, logits, targets, context))).squeeze(-1)  # [B]
 
 
 class ExampleWeights(nn.Module):

@@ -24,6 +24,7 @@ METHODS = {
     "mwnet": ["algorithm=mwnet", "task.noise.rate=0.6"],
     "l2rw": ["algorithm=l2rw", "task.noise.rate=0.6", "logger=none"],
     "ml3_online": ["algorithm=ml3_online", "logger=none"],
+    "storm": ["algorithm=storm", "task.noise.rate=0.6", "logger=none"],
     "mwnet_pair_k2": ["algorithm=mwnet", "task.noise.type=pair", "hypergrad.truncation=2", "logger=none"],
     "mwnet_instance_adam": ["algorithm=mwnet", "task.noise.type=instance", "inner_opt=adam", "inner_opt.lr=0.01",
                             "logger=none"],  # fmt: skip
@@ -50,7 +51,7 @@ def test_every_method_trains_a_model_and_reports_its_test_accuracy(runs, name):
     if name != "ml3_online":  # a learned loss from its random start need not train in two epochs
         assert 0.1 < metrics["test_accuracy"] <= 1.0  # above chance after two epochs
     assert (run.dir / "checkpoint.pt").is_file()
-    weighted = name.startswith("mwnet")
+    weighted = name.startswith(("mwnet", "storm"))
     assert ("weight_auc" in metrics) == weighted and ((run.dir / "weights.png").is_file()) == weighted
     if name == "ml3_online":
         assert "inner_loss.safetensors" in metrics["saved"]

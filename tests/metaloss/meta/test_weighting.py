@@ -13,10 +13,17 @@ from metaloss.errors import ConfigError
 from metaloss.hypergrad import TruncatedBackprop
 from metaloss.lookahead import LookaheadTraining, meta_rows
 from metaloss.meta import FixedInit, HyperparameterOptimizer
-from metaloss.meta.weighting import AssignGradient, ExampleWeights, LossToWeight, WeightedLoss, weight_separation
+from metaloss.meta.weighting import (
+    AssignGradient,
+    ExampleWeights,
+    LossToWeight,
+    ModelFeatureRescaler,
+    WeightedLoss,
+    weight_separation,
+)
 from metaloss.online import online_meta_train
 from metaloss.problem import BilevelProblem
-from metaloss.types import Episode
+from metaloss.types import Episode, LossContext
 
 torch.set_num_threads(1)
 
@@ -138,3 +145,73 @@ def test_assign_gradient_puts_the_gradient_in_place():
     assert torch.equal(p.detach(), torch.tensor([1.0, -2.0, 3.0]))
     with pytest.raises(ConfigError, match="lr > 0"):
         AssignGradient([p], lr=0.0)
+
+
+def storm_setup(query_value: float = float("nan")):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    n, d, c = 40, 5, 3
+    x, y = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(c, (n,), generator=g)
+    clean = Episode(x, y, torch.full((6, d), query_value, dtype=torch.float64), torch.zeros(6, dtype=torch.long))
+    model = nn.Linear(d, c).double()
+    loss = WeightedLoss(ModelFeatureRescaler(hidden=(6,), passes=3, dropout=0.2, seed=1)).double()
+    problem = BilevelProblem(model, FixedInit(model), HyperparameterOptimizer("sgd", lr=0.3, momentum=0.9), loss,
+                             F.cross_entropy, 1, inner_batch_size=8, shuffle_seed=2)  # fmt: skip
+    return problem, clean, loss
+
+
+def test_the_rescaler_reads_loss_confidence_entropy_and_dropout_passes_of_the_model():
+    problem, episode, loss = storm_setup()
+    params = {k: v.detach() for k, v in problem.model.named_parameters()}
+    x, y = episode.support_x[:8], episode.support_y[:8]
+    logits = problem.predict(params, x)
+    context = LossContext(x, params, None, episode, lambda inputs: problem.predict(params, inputs))
+    losses = F.cross_entropy(logits, y, reduction="none")
+    torch.manual_seed(5)
+    features = loss.weighter.features(losses, logits, y, context)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(features[:, 0], losses)
+    torch.testing.assert_close(features[:, 1], p.max(-1).values)
+    torch.testing.assert_close(features[:, 2], -(p * p.log()).sum(-1))
+    torch.manual_seed(5)
+    passes = torch.stack([F.cross_entropy(problem.predict(params, F.dropout(x, 0.2, True)), y, reduction="none")
+                          for _ in range(3)])  # fmt: skip
+    torch.testing.assert_close(features[:, 3], passes.mean(0))
+    torch.testing.assert_close(features[:, 4], passes.std(0, unbiased=False))
+    assert (features[:, 4] > 0).sum() >= 6  # the passes differ
+    with pytest.raises(ConfigError, match="needs a LossContext"):
+        loss(logits, y)
+
+
+def test_self_taught_meta_batches_are_the_top_weighted_noisy_rows_and_never_the_clean_set():
+    problem, episode, loss = storm_setup()
+    system = LookaheadTraining(problem, episode, horizon=10, meta_batch_size=4, seed=7, meta_source="train",
+                               select_factor=3)  # fmt: skip
+    params = {k: v.detach() for k, v in problem.model.named_parameters()}
+    torch.manual_seed(11)
+    meta = system._meta_batch(2, params)
+    candidates = meta_rows(7, 2, 40, 12, stream=8)
+    x, y = episode.support_x[candidates], episode.support_y[candidates]
+    torch.manual_seed(11)
+    context = LossContext(x, params, None, episode, lambda inputs: problem.predict(params, inputs))
+    with torch.no_grad():
+        v = loss.weights(problem.predict(params, x), y, context)
+    keep = candidates[v.topk(4).indices]
+    assert torch.equal(meta.query_x, episode.support_x[keep]) and torch.equal(meta.query_y, episode.support_y[keep])
+    # a whole run with a meta set of NaNs: it is never read, so everything stays finite
+    phi = problem.meta_parameters()
+    start = [p.detach().clone() for p in phi]
+    estimator = TruncatedBackprop(1)
+    online_meta_train(system, estimator, phi, torch.optim.Adam(phi, lr=0.01), truncations=5)
+    trained = system.finish(estimator.state, phi)
+    assert all(torch.isfinite(p).all() for p in phi) and all(torch.isfinite(w).all() for w in trained.values())
+    assert any((p - s).abs().max() > 0 for p, s in zip(phi, start))
+
+
+def test_self_taught_selection_needs_a_weighted_loss():
+    model = nn.Linear(3, 2)
+    problem = BilevelProblem(model, FixedInit(model), HyperparameterOptimizer("sgd", lr=0.1), F.cross_entropy,
+                             F.cross_entropy, 1, inner_batch_size=2)  # fmt: skip
+    episode = Episode(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="weighted inner loss"):
+        LookaheadTraining(problem, episode, 4, meta_batch_size=2, meta_source="train")
