@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaloss.errors import ConfigError
@@ -129,6 +130,58 @@ class ResNet12(nn.Module):
         self.head = nn.Linear(channels, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [n, C, H, W] -> [n, n_classes]
+        return self.head(self.features(x))
+
+    def split(self) -> tuple[str, str]:
+        """(body, head) submodule names: forward(x) = head(features(x))."""
+        return "features", "head"
+
+
+class _BasicBlock(nn.Module):
+    """Two conv3x3-BatchNorm layers with ReLU and an identity shortcut; where the block halves the
+    resolution and widens, the shortcut subsamples and pads the new channels with zeros (He et al.
+    2016's option A for CIFAR, parameter-free)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.stride, self.pad = stride, out_channels - in_channels
+
+    def forward(self, x: Tensor) -> Tensor:  # [n, C_in, H, W] -> [n, C_out, H/stride, W/stride]
+        shortcut = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if self.pad:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return torch.relu(self.body(x) + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNets of He et al. 2016 (6n + 2 layers; n = 5: ResNet-32, MW-Net's CIFAR model):
+    conv3x3(16)-BN-ReLU, three stages of n basic blocks of widths 16, 32, 64 (the last two start with
+    stride 2), global average pooling, linear head. x [n, 3, 32, 32] -> [n, n_classes]."""
+
+    def __init__(self, n_classes: int = 10, in_channels: int = 3, blocks_per_stage: int = 5,
+                 widths: Sequence[int] = (16, 32, 64)) -> None:  # fmt: skip
+        super().__init__()
+        if n_classes < 1 or in_channels < 1 or blocks_per_stage < 1 or len(widths) != 3 or min(widths) < 1:
+            raise ConfigError(f"CifarResNet needs positive sizes and three widths, got n_classes={n_classes}, "
+                              f"blocks_per_stage={blocks_per_stage}, widths={list(widths)}")  # fmt: skip
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(widths[0]), nn.ReLU()]  # fmt: skip
+        channels = widths[0]
+        for stage, width in enumerate(widths):
+            for block in range(blocks_per_stage):
+                layers.append(_BasicBlock(channels, width, 2 if stage > 0 and block == 0 else 1))
+                channels = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(channels, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
     def split(self) -> tuple[str, str]:

@@ -265,6 +265,32 @@ def write_cifar100(root: Path, per_class: int = 1, archive: bool = False, shuffl
     return {"fine_names": fine, "coarse_names": coarse, "superclass": superclass}
 
 
+def write_cifar10(root: Path, per_class_batch: int = 2) -> Path:
+    """A small CIFAR-10 in the official python layout (cifar-10-batches-py/: data_batch_1..5,
+    test_batch, batches.meta; protocol-2 pickles with bytes keys), every class in every batch."""
+    import pickle
+
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for member in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [c for c in range(10) for _ in range(per_class_batch)]
+        rows = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        batch = {b"batch_label": member.encode(), b"labels": labels, b"data": rows,
+                 b"filenames": [f"{member}_{k}.png".encode() for k in range(len(labels))]}  # fmt: skip
+        (folder / member).write_bytes(pickle.dumps(batch, protocol=2))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    meta = {b"num_cases_per_batch": 10 * per_class_batch, b"label_names": names, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def make_cifar10():
+    """`write_cifar10`, for tests and fixtures of any scope."""
+    return write_cifar10
+
+
 @pytest.fixture(scope="session")
 def make_cifar100():
     """`write_cifar100`, for tests and fixtures of any scope."""

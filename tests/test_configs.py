@@ -17,7 +17,7 @@ from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.meta import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, WarpPreconditioner
 from metaloss.meta.weighting import AssignGradient
-from metaloss.models import MLP, Conv4, ResNet12, ShapedSine
+from metaloss.models import MLP, CifarResNet, Conv4, ResNet12, ShapedSine
 from tasks.base import TaskSplits
 from tasks.noisy_label import NoisyLabelTask
 
@@ -29,6 +29,7 @@ TASK_OF_MODEL = {  # models sized by task.n_way
     "conv4": "miniimagenet",
     "resnet12": "miniimagenet",
     "conv4_cifar": "cifar_fs",
+    "resnet32": "cifar_fs",
     "conv4_omniglot": "omniglot",
 }
 CIFAR_TASKS = ("cifar_fs", "fc100")
@@ -45,6 +46,12 @@ def load_common():
 def compose_with(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("meta_train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory, make_cifar10):
+    """A tiny CIFAR-10 (10 images per class) for task=noisy_cifar10."""
+    return make_cifar10(tmp_path_factory.mktemp("cifar10"))
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +176,8 @@ def test_model_instantiates_and_runs(option):
     cfg = compose_with(*overrides)
     model = instantiate(cfg.model)
     if option in TASK_OF_MODEL:
-        assert isinstance(model, (Conv4, ResNet12))
-        size = cfg.model.get("image_size", 84)
+        assert isinstance(model, (Conv4, ResNet12, CifarResNet))
+        size = cfg.model.get("image_size", 32 if option == "resnet32" else 84)
         out = model(torch.rand(2, cfg.model.in_channels, size, size))
         assert out.shape == (2, cfg.task.n_way)
     elif option == "shaped_sine":  # ML3's one-parameter sin(theta x): no head to adapt on its own
@@ -215,8 +222,10 @@ def test_logger_instantiates(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "task"])
-def test_task_instantiates(option, mini_root, cifar_root, omniglot_overrides):
+def test_task_instantiates(option, mini_root, cifar_root, cifar10_root, omniglot_overrides):
     data = [f"task.root={mini_root}", "task.q_query=2"] if option == "miniimagenet" else []
+    if option == "noisy_cifar10":
+        data = [f"task.data.root={cifar10_root}", "task.meta_per_class=2", "task.batch_size=20"]
     if option in CIFAR_TASKS:
         data = [f"task.root={cifar_root}", "task.q_query=1"]
     data = omniglot_overrides.get(option, data)
@@ -225,6 +234,9 @@ def test_task_instantiates(option, mini_root, cifar_root, omniglot_overrides):
     if option.startswith("noisy_"):  # a training run of the online regime, not a sampler of episodes
         task = instantiate(cfg.task)
         assert isinstance(task, NoisyLabelTask) and task.loss == "cross_entropy" and task.horizon > 0
+        if option == "noisy_cifar10":  # images: a CIFAR ResNet
+            assert cfg.model._target_ == "metaloss.models.CifarResNet" and cfg.model.n_classes == task.data.n_classes
+            return
         assert cfg.model.in_features == task.data.in_features and cfg.model.out_features == task.data.n_classes
         return
     splits = instantiate(cfg.task)
@@ -302,17 +314,22 @@ def test_algorithm_overlays_leave_the_task_alone():
 
 
 NOISY_BASELINES = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1"}
-NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online"}
+NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online", "storm"}
 
 
 @pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] != "logger"], ids=lambda v: str(v))
-def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_root, omniglot_overrides):
+def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_root, cifar10_root,
+                                            omniglot_overrides):  # fmt: skip
     """scripts/common.build on the composed config: task, model, inner_opt, hypergrad and outer_opt together."""
     overrides = [f"{group}={option}"]
     if (group, option) in {("task", "miniimagenet"), ("model", "conv4")}:
         overrides += ["task=miniimagenet", f"task.root={mini_root}", "task.q_query=2", "model.filters=4"]
     if (group, option) == ("model", "resnet12"):
         overrides += ["task=miniimagenet", f"task.root={mini_root}", "task.q_query=2", "model.widths=[2,2,2,2]"]
+    if (group, option) == ("task", "noisy_cifar10"):
+        overrides += [f"task.data.root={cifar10_root}", "task.meta_per_class=2", "task.batch_size=20"]
+    if (group, option) == ("model", "resnet32"):
+        overrides += ["task=cifar_fs", f"task.root={cifar_root}", "task.q_query=1", "model.blocks_per_stage=1"]
     if (group, option) in {("task", "cifar_fs"), ("task", "fc100"), ("model", "conv4_cifar")}:
         task = option if group == "task" else "cifar_fs"
         overrides += [f"task={task}", f"task.root={cifar_root}", "task.q_query=1", "model.filters=4"]

@@ -28,7 +28,7 @@ PUBLISHED = {
     "omniglot_minimal_5way": ("omniglot", 5, 1, 0.4, 1, 8, 2000),
     "omniglot_minimal_20way": ("omniglot", 20, 1, 0.1, 1, 8, 1800),
 }
-OTHER = ("ml3_shaped_sine",)  # not few-shot classification: tested on their own below
+OTHER = ("ml3_shaped_sine", "mwnet_cifar10")  # not few-shot classification: tested on their own below
 
 
 @functools.cache
@@ -120,3 +120,19 @@ def test_ml3_shaped_sine_is_the_papers_greedy_setting_and_learns_only_the_loss()
                          meta_steps=2, meta_batch=2, progress=False)  # fmt: skip
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert all(not torch.equal(p, b) for p, b in zip(loss_params, before))
+
+
+def test_mwnet_cifar10_is_mwnets_protocol() -> None:
+    """Shu et al. 2019's CIFAR-10 setting (it runs two steps on a fixture in tests/scripts/test_noisy_label.py)."""
+    cfg = compose_with("experiment=mwnet_cifar10")
+    assert cfg.task._target_ == "tasks.noisy_label.noisy_label_task"
+    assert cfg.task.data._target_ == "tasks.datasets.cifar.cifar10_data"
+    assert cfg.task.noise.type == "uniform" and cfg.task.noise.rate == 0.4
+    assert cfg.task.meta_per_class * cfg.task.n_way == 1000 and cfg.task.batch_size == 100
+    assert cfg.model._target_ == "metaloss.models.CifarResNet" and cfg.model.blocks_per_stage == 5
+    assert (cfg.inner_opt.name, cfg.inner_opt.lr, cfg.inner_opt.momentum, cfg.inner_opt.weight_decay) == (
+        "sgd", 0.1, 0.9, 0.0005)
+    assert cfg.inner_loss.weighter._target_ == "metaloss.meta.weighting.LossToWeight"
+    assert list(cfg.inner_loss.weighter.hidden) == [100]
+    assert cfg.outer_opt.lr == 0.001 and cfg.outer_opt.weight_decay == 0.0001
+    assert cfg.hypergrad.kind == "tbptt" and cfg.hypergrad.truncation == 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metaloss.errors import ConfigError
-from metaloss.models import MLP, Conv4, ResNet12, ShapedSine
+from metaloss.models import MLP, CifarResNet, Conv4, ResNet12, ShapedSine
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -30,6 +30,14 @@ def test_maml_miniimagenet_conv4_flattens_5x5x32() -> None:
     model = Conv4(5, in_channels=3, filters=32, image_size=84, pool="max")
     assert model(torch.zeros(2, 3, 84, 84)).shape == (2, 5)
     assert model.head.in_features == 32 * 5 * 5
+
+
+def test_resnet32_for_cifar_shape_and_size() -> None:
+    model = CifarResNet(n_classes=10)
+    assert n_params(model) == 464_154  # He et al. 2016's ResNet-32: 0.46M
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) + 1 == 32  # 31 convolutions and the head
 
 
 def test_resnet12_shape_and_size() -> None:

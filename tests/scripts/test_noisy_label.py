@@ -106,3 +106,17 @@ def test_a_killed_noisy_label_run_resumes_bitwise(tmp_path):
     model_a = ca["estimator"]["estimator"]["state"]["particles"][0][0]
     model_b = cb["estimator"]["estimator"]["state"]["particles"][0][0]
     assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+
+def test_mwnets_cifar10_protocol_composes_and_runs_two_steps_on_a_fixture(tmp_path, make_cifar10):
+    make_cifar10(tmp_path / "cifar")
+    run = run_script(tmp_path / "run", ["experiment=mwnet_cifar10", f"task.data.root={tmp_path / 'cifar'}",
+                                        "task.meta_per_class=2", "task.batch_size=40", "task.epochs=1",
+                                        "task.meta_batch_size=10", "logger=none", "progress=false", "threads=1"])
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert metrics["algorithm"] == "mwnet" and metrics["noise"]["type"] == "uniform" and metrics["noise"]["rate"] == 0.4
+    assert metrics["train_rows"] == 80 and metrics["meta_rows"] == 20 and metrics["training_steps"] == 2
+    assert metrics["outer_updates"] == 2 and 0 <= metrics["test_accuracy"] <= 1
+    config = (run.dir / ".hydra" / "config.yaml").read_text()
+    assert "metaloss.models.CifarResNet" in config and "weight_decay: 0.0005" in config
