@@ -32,7 +32,9 @@ ROWS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--meta-steps", type=int, default=400, help="the META_STEPS of the runs to collect")
-    budget = parser.parse_args().meta_steps
+    parser.add_argument("--parallel", type=int, default=2, help="the PARALLEL the runs had (recorded only)")
+    args = parser.parse_args()
+    budget = args.meta_steps
     rows = []
     for name, (label, published) in ROWS.items():
         metrics_file = RUNS / f"npbml_ablation_{budget}_{name}" / "metrics.json"
@@ -55,7 +57,7 @@ def main() -> None:
         "command": f"META_STEPS={budget} bash benchmarks/npbml_ablation.sh && "
                    f"python benchmarks/summarize_npbml_ablation.py --meta-steps {budget}",
         "setting": "experiment=omniglot_minimal_5way (Omniglot minimal sets, 5-way 1-shot, 1 inner step), "
-                   f"{rows[0]['meta_steps']} meta-steps each, threads=1, two runs at a time",
+                   f"{rows[0]['meta_steps']} meta-steps each, threads=1, {args.parallel} run(s) at a time",
         "runs": rows,
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)

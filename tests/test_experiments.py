@@ -123,7 +123,7 @@ def test_ml3_shaped_sine_is_the_papers_greedy_setting_and_learns_only_the_loss()
 
 
 def test_mwnet_cifar10_is_mwnets_protocol() -> None:
-    """Shu et al. 2019's CIFAR-10 setting (it runs two steps on a fixture in tests/scripts/test_noisy_label.py)."""
+    """Shu et al. 2019's CIFAR-10 setting (it runs two steps on a fixture in tests/scripts/test_noisy_label_runs.py)."""
     cfg = compose_with("experiment=mwnet_cifar10")
     assert cfg.task._target_ == "tasks.noisy_label.noisy_label_task"
     assert cfg.task.data._target_ == "tasks.datasets.cifar.cifar10_data"

@@ -41,8 +41,9 @@ METHODS = {
     "mwnet_normalized": ["algorithm=mwnet", "inner_loss.normalize=true"],
     "l2rw": ["algorithm=l2rw"],
     "ml3_online": ["algorithm=ml3_online"],
+    "storm": ["algorithm=storm"],
 }
-WEIGHTED = ("mwnet", "mwnet_normalized")
+WEIGHTED = ("mwnet", "mwnet_normalized", "storm")
 
 
 def run_dir(dataset: str, noise: str, method: str, seed: int) -> Path:
