@@ -19,10 +19,8 @@ float32 in [0, 1] without normalisation.
 
 from __future__ import annotations
 
-import tarfile
-import zlib
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +28,7 @@ import torch
 from metaloss.errors import ConfigError
 from tasks.classification import LabelledData
 from tasks.datasets import cifar_fs
-from tasks.datasets.cifar_fs import _arrays, _names, _read_members, _unpickle
+from tasks.datasets.cifar_fs import _arrays, _names, _read_members, member_location
 from tasks.datasets.common import require_files, require_layout
 
 DEFAULT_ROOT = "~/data/cifar"
@@ -73,41 +71,10 @@ def locate(
     return root / folder if layout.startswith("the extracted") else root / archive
 
 
-def _load_pickle(f: IO[bytes], where: str) -> dict[str, Any]:
-    """cifar_fs's reader of the official pickles (keys as str), its messages naming CIFAR-10."""
-    try:
-        return _unpickle(f, where)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("CIFAR-100 pickle", "CIFAR-10 pickle")) from None
-
-
 def _read_cifar10_members(source: Path) -> dict[str, tuple[dict[str, Any], str]]:
     """member -> (its unpickled dict, where it was read: for messages) of the folder or archive `source`."""
-    if source.is_dir():
-        found = {}
-        for member in CIFAR10_MEMBERS:
-            with open(source / member, "rb") as f:
-                found[member] = (_load_pickle(f, str(source / member)), str(source / member))
-        return found
-    wanted = {f"{CIFAR10_FOLDER}/{m}": m for m in CIFAR10_MEMBERS}
-    found = {}
-    try:
-        with tarfile.open(source, "r:gz") as tar:
-            for info in tar:  # one pass: seeking back in a .gz means decompressing again
-                name = info.name.removeprefix("./")
-                if name in wanted and info.isfile():
-                    f = tar.extractfile(info)
-                    if f is not None:  # always, for a regular file
-                        where = f"{source} ({name})"
-                        found[wanted[name]] = (_load_pickle(f, where), where)
-                if len(found) == len(CIFAR10_MEMBERS):
-                    break
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise ConfigError(f"{source} is not a readable CIFAR-10 archive: {err}") from None
-    absent = [n for n, m in wanted.items() if m not in found]
-    if absent:
-        raise ConfigError(f"{source} does not contain {', '.join(absent)}")
-    return found
+    parts = _read_members(source, CIFAR10_FOLDER, tuple(CIFAR10_MEMBERS), "CIFAR-10")
+    return {m: (part, member_location(source, CIFAR10_FOLDER, m)) for m, part in parts.items()}
 
 
 def _cifar10_batch(part: dict[str, Any], where: str, n_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -124,12 +124,12 @@ def find_source(
     return root / FOLDER if layout == FOLDER_LAYOUT else root / ARCHIVE
 
 
-def _unpickle(f: IO[bytes], where: str) -> dict[str, Any]:
+def _unpickle(f: IO[bytes], where: str, dataset: str = "CIFAR-100") -> dict[str, Any]:
     """A pickled dict of the official files, keys as str (they are bytes: Python 2 pickles)."""
     try:
         obj = pickle.load(f, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
-        raise ConfigError(f"{where} is not a readable CIFAR-100 pickle: {err}") from None
+        raise ConfigError(f"{where} is not a readable {dataset} pickle: {err}") from None
     except (OSError, zlib.error) as err:  # a damaged archive, noticed while decompressing
         raise ConfigError(f"{where} could not be read: {err}") from None
     if not isinstance(obj, dict):
@@ -137,15 +137,22 @@ def _unpickle(f: IO[bytes], where: str) -> dict[str, Any]:
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
-def _read_members(source: Path) -> dict[str, dict[str, Any]]:
-    """The unpickled train, test and meta dicts of the folder or the archive `source`."""
+def member_location(source: Path, folder: str, member: str) -> str:
+    """Where `member` of the folder or archive `source` is read from, for messages."""
+    return str(source / member) if source.is_dir() else f"{source} ({folder}/{member})"
+
+
+def _read_members(source: Path, folder: str = FOLDER, members: tuple[str, ...] = MEMBERS,
+                  dataset: str = "CIFAR-100") -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The unpickled `members` (CIFAR-100's train, test and meta) of the folder or the archive
+    `source` (holding them under `folder`)."""
     if source.is_dir():
         found = {}
-        for member in MEMBERS:
+        for member in members:
             with open(source / member, "rb") as f:
-                found[member] = _unpickle(f, str(source / member))
+                found[member] = _unpickle(f, member_location(source, folder, member), dataset)
         return found
-    wanted = {f"{FOLDER}/{m}": m for m in MEMBERS}
+    wanted = {f"{folder}/{m}": m for m in members}
     found = {}
     try:
         with tarfile.open(source, "r:gz") as tar:
@@ -154,11 +161,11 @@ def _read_members(source: Path) -> dict[str, dict[str, Any]]:
                 if name in wanted and info.isfile():
                     f = tar.extractfile(info)
                     if f is not None:  # always, for a regular file
-                        found[wanted[name]] = _unpickle(f, f"{source} ({name})")
-                if len(found) == len(MEMBERS):
+                        found[wanted[name]] = _unpickle(f, member_location(source, folder, wanted[name]), dataset)
+                if len(found) == len(members):
                     break
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise ConfigError(f"{source} is not a readable CIFAR-100 archive: {err}") from None
+        raise ConfigError(f"{source} is not a readable {dataset} archive: {err}") from None
     absent = [n for n, m in wanted.items() if m not in found]
     if absent:
         raise ConfigError(f"{source} does not contain {', '.join(absent)}")
