@@ -24,7 +24,8 @@ the real ones (phi one update behind; one pass fewer per step).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,22 @@ from torch import Tensor
 from metaloss.errors import ConfigError
 from metaloss.functional import detach_params, tree_detach
 from metaloss.online import State
-from metaloss.problem import BilevelProblem
+from metaloss.problem import BilevelProblem, WithParameters
 from metaloss.types import Episode, LossContext, Params
 
 REAL_STEPS = ("after_update", "lookahead")
+
+
+@dataclass
+class Lookahead:
+    """A recorded look-ahead from step t: points [(w_k, s_k)] for k < K (detached), the final w_K
+    (detached), the problem with phi and the meta batch that scores it."""
+
+    t: int
+    points: list[tuple[Params, Any]]
+    final: Params
+    problem: BilevelProblem
+    meta: Episode
 META_SOURCES = ("meta", "train")
 
 
@@ -107,13 +120,67 @@ class LookaheadTraining:
         for i, (params, opt_state) in enumerate(state["particles"]):
             problem = self.problem.with_meta_parameters([p[i] for p in phi]) if phi else self.problem
             result = self._advance(problem, detach_params(params), tree_detach(opt_state), t, steps, graph=True)
-            _, frozen = problem.initial_params(self.episode)
-            losses.append(problem.query_loss({**detach_params(frozen), **result.params}, meta)[0])
+            losses.append(self.meta_loss(problem, result.params, meta))
             carried = (params, opt_state) if self.real_step == "after_update" else (
                 detach_params(result.params), tree_detach(result.opt_state))  # fmt: skip
             particles.append(carried)
         pending = steps if self.real_step == "after_update" else 0
         return {"t": t + steps, "pending": pending, "particles": particles}, torch.stack(losses)
+
+    def meta_loss(self, problem: BilevelProblem, params: Params, meta: Episode) -> Tensor:
+        """The look-ahead's outer loss: L_outer(f(x_m; w), y_m) on the meta batch, plus the inner loss's
+        own outer terms on it where it has them (`outer_terms(x_m, y_m)`, e.g. EMLC's teacher losses),
+        with `problem`'s phi."""
+        _, frozen = problem.initial_params(self.episode)
+        loss = problem.query_loss({**detach_params(frozen), **params}, meta)[0]
+        if hasattr(problem.inner_loss, "outer_terms"):
+            loss = loss + self.call_inner_loss(problem, "outer_terms", meta.query_x, meta.query_y)
+        return loss
+
+    @staticmethod
+    def call_inner_loss(problem: BilevelProblem, method: str, *args: Any) -> Any:
+        """The inner loss's `method` with `problem`'s phi."""
+        inner_loss = problem.inner_loss
+        if isinstance(inner_loss, WithParameters):
+            return inner_loss.call(method, *args)
+        return getattr(inner_loss, method)(*args)
+
+    def step_inputs(self, look: Lookahead, k: int) -> Tensor:
+        """The inputs of the minibatch of the look-ahead's step k [B, ...]."""
+        x = self.episode.support_x
+        return x[self.problem.batch_rows(look.t + k, len(x))]
+
+    def lookahead(self, state: State, phi: Sequence[Tensor], steps: int) -> tuple[State, Lookahead]:
+        """Like `unroll` (particle 0 only), but the K steps are taken without a graph to phi and
+        recorded, for an estimator that differentiates each step on its own (`IdentityHessian`)."""
+        if len(state["particles"]) != 1:
+            raise ConfigError("a recorded look-ahead runs one particle")
+        state = self._real_steps(state, phi)
+        t, (params, opt_state) = state["t"], state["particles"][0]
+        problem = self.problem.with_meta_parameters([p[0] for p in phi]) if phi else self.problem
+        fixed = self.problem.with_meta_parameters([p[0].detach() for p in phi]) if phi else self.problem
+        w, s, points = detach_params(params), tree_detach(opt_state), []
+        for k in range(steps):
+            points.append((w, s))
+            result = self._advance(fixed, w, s, t + k, 1, graph=False)
+            w, s = detach_params(result.params), tree_detach(result.opt_state)
+        carried = (params, opt_state) if self.real_step == "after_update" else (w, s)
+        new_state = {"t": t + steps, "pending": steps if self.real_step == "after_update" else 0,
+                     "particles": [carried]}  # fmt: skip
+        return new_state, Lookahead(t, points, w, problem, self._meta_batch(t, params))
+
+    def step_from(self, look: Lookahead, k: int) -> Params:
+        """w_{k+1}(phi): one step of the look-ahead from its recorded, detached (w_k, s_k), with a graph
+        to phi."""
+        w, s = look.points[k]
+        return self._advance(look.problem, w, s, look.t + k, 1, graph=True).params
+
+    def step_parts(self, look: Lookahead, k: int) -> tuple[Callable[[Params], Tensor], Any]:
+        """Step k's inner loss as a function of w (with phi: L_inner(w; phi) on step t + k's minibatch)
+        and the inner optimizer, for an estimator that differentiates the step piecewise."""
+        w0, frozen = look.problem.initial_params(self.episode)
+        objective = look.problem.inner_objective(self.episode, detach_params(w0), detach_params(frozen))
+        return (lambda w: objective(w, look.t + k)), look.problem.inner_opt()
 
     def _meta_batch(self, t: int, params: Params) -> Episode:
         """The episode whose query set scores the look-ahead that starts at step t: rows of the meta

@@ -346,7 +346,26 @@ class WithParameters:
 
         return functional_call(self.module, self.params, args, strict=False)
 
+    def call(self, method: str, *args: Any) -> Any:
+        """The module's `method` (not its forward) with these parameters, e.g. a meta-module's extra
+        outer loss that depends on phi."""
+        from torch.func import functional_call
+
+        params = {f"module.{name}": value for name, value in self.params.items()}
+        return functional_call(_MethodCall(self.module, method), params, args, strict=False)
+
     def __getattr__(self, name: str) -> Any:
         if name in ("module", "params"):  # not set yet (e.g. while copying): no recursion
             raise AttributeError(name)
         return getattr(self.module, name)
+
+
+class _MethodCall(nn.Module):
+    """A module whose forward is another module's `method` (so that `functional_call` can run it)."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.module, self.method = module, method
+
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.module, self.method)(*args)

@@ -177,8 +177,8 @@ def train_online(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunDi
         "algorithm": choices.get("algorithm"),
         "inner_loss": choices.get("inner_loss"),
         "data": task.data.name,
-        "noise": dict(cfg.task.noise),
-        "meta_per_class": cfg.task.meta_per_class,
+        **({"noise": dict(cfg.task.noise), "meta_per_class": cfg.task.meta_per_class} if "noise" in cfg.task
+           else {"labels_per_class": cfg.task.get("labels_per_class")}),
         "meta_steps": run.meta_steps,  # look-aheads, each followed by an update of phi
         "outer_updates": run.trainer.run.outer_updates,
         "skipped_updates": run.trainer.run.skipped_updates,

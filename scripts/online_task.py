@@ -24,6 +24,7 @@ from metaloss.problem import BilevelProblem
 from metaloss.types import LossContext
 from tasks.noisy_label import NoisyLabelTask
 
+LOOKAHEAD_KINDS = ("tbptt", "identity_hessian", "identity_hessian_jvp", "mpl_feedback")
 ANALYSIS_ROWS = 5000  # training rows scored every epoch (the first ones: the noise is i.i.d. over rows)
 
 
@@ -50,10 +51,19 @@ class OnlineTaskRun:
 
     def __init__(self, task: NoisyLabelTask, problem: BilevelProblem, estimator: Any, outer_opt: Any, seed: int,
                  max_bad_steps: int) -> None:  # fmt: skip
-        if not isinstance(estimator, EpisodicOnline) or estimator.kind != "tbptt" or estimator.update == "horizon":
-            raise ConfigError("a noisy-label task runs in the online regime with truncated backpropagation: "
-                              "hypergrad=tbptt with hypergrad.update=truncation or an int (the task config sets "
-                              "it; pes and es_single are not wired to noisy-label tasks yet)")  # fmt: skip
+        if not isinstance(estimator, EpisodicOnline) or estimator.kind not in LOOKAHEAD_KINDS or (
+                estimator.update == "horizon"):  # fmt: skip
+            raise ConfigError("a noisy-label task runs in the online regime with truncated backpropagation or its "
+                              f"identity-Hessian approximation: hypergrad.kind in {LOOKAHEAD_KINDS} with "
+                              "hypergrad.update=truncation or an int (the task config sets it; pes and es_single "
+                              "are not wired to noisy-label tasks yet)")  # fmt: skip
+        reads_labels = getattr(problem.inner_loss, "reads_labels", True)
+        if task.data.unlabelled and task.train_on == "noisy" and reads_labels:
+            raise ConfigError("this task's training rows are unlabelled (semi-supervised): its algorithms are mpl, "
+                              "mpl_exact, pseudo_label and clean_only")  # fmt: skip
+        if not reads_labels and not task.data.unlabelled:
+            raise ConfigError("pseudo-labelling (mpl, pseudo_label) is for tasks with unlabelled data: "
+                              "task=semisup_fashion_mnist, semisup_mnist1d or semisup_digits")  # fmt: skip
         every = 1 if estimator.update == "truncation" else int(estimator.update)
         episode = task.episode()
         problem.inner_batch_size, problem.shuffle_seed = task.inner_batch_size, seed
@@ -80,10 +90,12 @@ class OnlineTaskRun:
         data = self.task.data
         test_loss, test_acc, _ = classify(self.problem, params, data.x_test, data.y_test)
         x, y_noisy, y_true, is_noisy = self.analysis
-        train_loss, train_acc, logits = classify(self.problem, params, x, y_noisy)
-        metrics = {"test_accuracy": test_acc, "test_loss": test_loss, "train_loss_noisy_labels": train_loss,
-                   "train_accuracy_noisy_labels": train_acc,
+        unlabelled = data.unlabelled
+        train_loss, train_acc, logits = classify(self.problem, params, x, y_true if unlabelled else y_noisy)
+        metrics = {"test_accuracy": test_acc, "test_loss": test_loss,
                    "train_accuracy_true_labels": (logits.argmax(1) == y_true).float().mean().item()}  # fmt: skip
+        if not unlabelled:
+            metrics.update({"train_loss_noisy_labels": train_loss, "train_accuracy_noisy_labels": train_acc})
         loss, weights = self.problem.inner_loss, None
         if hasattr(loss, "weights") and getattr(loss.weighter, "depends_on_sample", True):
             context = LossContext(x, params, None, self.system.episode, lambda inputs: forward(self.problem.model,
@@ -91,6 +103,15 @@ class OnlineTaskRun:
             with torch.no_grad():
                 weights = loss.weights(logits, y_noisy, context)
             metrics.update(weight_separation(weights, is_noisy))
+        if hasattr(loss, "corrected"):
+            context = LossContext(x, params, None, self.system.episode, lambda inputs: forward(self.problem.model,
+                                                                                              params, inputs))
+            with torch.no_grad():
+                fixed = loss.corrected(logits, y_noisy, context).argmax(1) == y_true  # [n]
+            if unlabelled:
+                metrics["pseudo_label_accuracy"] = fixed.float().mean().item()
+            else:
+                metrics.update(corrected_label_accuracy(fixed, is_noisy))
         return metrics, weights
 
     def after_step(self, logger: Any, trainer: MetaTrainer) -> None:
@@ -113,11 +134,19 @@ class OnlineTaskRun:
         """The trained model (pending real steps taken with the final phi) and its final metrics."""
         params = self.system.finish(self.state(), self.phi)
         metrics, weights = self.epoch_metrics(params)
-        truth = self.task.truth
-        metrics.update({"noise_rate_realised": truth.noise_rate, "train_rows": len(self.task.data.y_train),
-                        "meta_rows": len(self.task.data.y_meta), "epochs": self.task.epochs,
-                        "training_steps": self.task.horizon})  # fmt: skip
+        if not self.task.data.unlabelled:
+            metrics["noise_rate_realised"] = self.task.truth.noise_rate
+        metrics.update({"train_rows": len(self.task.data.y_train), "meta_rows": len(self.task.data.y_meta),
+                        "epochs": self.task.epochs, "training_steps": self.task.horizon})  # fmt: skip
         return metrics, weights
+
+
+def corrected_label_accuracy(right: Tensor, is_noisy: Tensor) -> dict[str, float]:
+    """How often the corrected label (its argmax) is the true one, on noisy and on clean rows."""
+    out = {}
+    for name, rows in (("corrected_label_accuracy_noisy", is_noisy), ("corrected_label_accuracy_clean", ~is_noisy)):
+        out[name] = right[rows].float().mean().item() if rows.any() else float("nan")
+    return out
 
 
 def save_weight_histogram(weights: Tensor, is_noisy: Tensor, path: Path, title: str) -> Path:

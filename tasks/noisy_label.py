@@ -163,6 +163,11 @@ class NoisyLabelData:
     def in_features(self) -> int:
         return int(self.x_train[0].numel())
 
+    @property
+    def unlabelled(self) -> bool:
+        """Whether the training rows carry no labels (a semi-supervised task, `tasks.semisup`)."""
+        return bool(len(self.y_train)) and bool((self.y_train < 0).all())
+
 
 def make_noisy(data: LabelledData, kind: str = "symmetric", rate: float = 0.4, meta_per_class: int = 10,
                seed: int = 0, pair_map: PairMap = "next") -> tuple[NoisyLabelData, NoiseTruth]:  # fmt: skip

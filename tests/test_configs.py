@@ -108,8 +108,11 @@ def test_defaults():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option):
-    # L2RW's weights are sized by a noisy-label task's minibatch: it composes with one
-    noisy = ["task=noisy_digits"] if (group, option) in {("algorithm", "l2rw"), ("inner_loss", "l2rw")} else []
+    # L2RW's weights are sized by a noisy-label task's minibatch, and the correctors and teachers by its
+    # classes and inputs: they compose with one
+    noisy = ["task=noisy_digits"] if option in ("l2rw", "mlc", "emlc") and group in ("algorithm", "inner_loss") else []
+    if option in ("mpl", "mpl_exact", "pseudo_label") and group in ("algorithm", "inner_loss"):
+        noisy = ["task=semisup_digits"]
     cfg = compose_with(f"{group}={option}", *noisy)
     raw = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
     if "_target_" in raw:  # a plain group node: it lands at cfg[group] unchanged
@@ -226,15 +229,18 @@ def test_task_instantiates(option, mini_root, cifar_root, cifar10_root, omniglot
     data = [f"task.root={mini_root}", "task.q_query=2"] if option == "miniimagenet" else []
     if option == "noisy_cifar10":
         data = [f"task.data.root={cifar10_root}", "task.meta_per_class=2", "task.batch_size=20"]
+    if option == "semisup_cifar10":
+        data = [f"task.data.root={cifar10_root}", "task.labels_per_class=2", "task.batch_size=20"]
     if option in CIFAR_TASKS:
         data = [f"task.root={cifar_root}", "task.q_query=1"]
     data = omniglot_overrides.get(option, data)
     cfg = compose_with(f"task={option}", "seed=7", *data)
     assert cfg.task.get("seed", 7) == 7  # the one-shot runs are fixed: no seed
-    if option.startswith("noisy_"):  # a training run of the online regime, not a sampler of episodes
+    if option.startswith(("noisy_", "semisup_")):  # a training run of the online regime, not episodes
         task = instantiate(cfg.task)
         assert isinstance(task, NoisyLabelTask) and task.loss == "cross_entropy" and task.horizon > 0
-        if option == "noisy_cifar10":  # images: a CIFAR ResNet
+        assert task.data.unlabelled == option.startswith("semisup_")
+        if option.endswith("cifar10"):  # images: a CIFAR ResNet
             assert cfg.model._target_ == "metaloss.models.CifarResNet" and cfg.model.n_classes == task.data.n_classes
             return
         assert cfg.model.in_features == task.data.in_features and cfg.model.out_features == task.data.n_classes
@@ -314,7 +320,8 @@ def test_algorithm_overlays_leave_the_task_alone():
 
 
 NOISY_BASELINES = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1"}
-NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online", "storm"}
+NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online", "storm", "mlc", "emlc"}
+SEMISUP_ALGORITHMS = {"mpl", "mpl_exact", "pseudo_label"}
 
 
 @pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] != "logger"], ids=lambda v: str(v))
@@ -342,8 +349,13 @@ def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_roo
         overrides += ["task=blobs"]  # NPBML's loss takes its number of classes from task.n_way
     if group == "task" and option.startswith("noisy_"):
         overrides += ["algorithm=mwnet"]
-    if (group == "algorithm" and option in NOISY_ALGORITHMS) or (group, option) == ("inner_loss", "l2rw"):
+    if (group, option) == ("task", "semisup_cifar10"):
+        overrides += [f"task.data.root={cifar10_root}", "task.labels_per_class=2", "task.batch_size=20"]
+    if (group == "algorithm" and option in NOISY_ALGORITHMS) or (group, option) in {
+            ("inner_loss", "l2rw"), ("inner_loss", "mlc"), ("inner_loss", "emlc")}:  # fmt: skip
         overrides += ["task=noisy_digits"]  # the noisy-label methods and baselines
+    if (group == "algorithm" and option in SEMISUP_ALGORITHMS) or (group, option) == ("inner_loss", "mpl"):
+        overrides += ["task=semisup_digits"]
     built = load_common().build(compose_with(*overrides))
     if group == "algorithm" and option in NOISY_BASELINES:  # nothing is meta-learned: no outer optimizer
         assert not built.problem.meta_parameters() and built.outer_opt is None

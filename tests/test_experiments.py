@@ -28,7 +28,9 @@ PUBLISHED = {
     "omniglot_minimal_5way": ("omniglot", 5, 1, 0.4, 1, 8, 2000),
     "omniglot_minimal_20way": ("omniglot", 20, 1, 0.1, 1, 8, 1800),
 }
-OTHER = ("ml3_shaped_sine", "mwnet_cifar10")  # not few-shot classification: tested on their own below
+# not few-shot classification: tested on their own below, and in tests/scripts/test_noisy_label_runs.py
+# (mwnet_cifar10) and tests/scripts/test_label_correction_runs.py (mlc_cifar10, mpl_cifar10_4k)
+OTHER = ("ml3_shaped_sine", "mwnet_cifar10", "mlc_cifar10", "mpl_cifar10_4k")
 
 
 @functools.cache

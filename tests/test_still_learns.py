@@ -122,9 +122,10 @@ def untrained_and_trained(case: Case, seed: int = SEED) -> tuple[tuple[float, fl
 
 # the noisy-label algorithms train one model in the online regime, not episodes: their end-to-end runs
 # (above-chance test accuracy after two epochs on noisy digits, all but ml3_online) are in
-# tests/scripts/test_noisy_label_runs.py
+# tests/scripts/test_noisy_label_runs.py; label correction and pseudo-labelling (above chance too) in
+# tests/scripts/test_label_correction_runs.py
 NOISY_LABEL_ALGORITHMS = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1", "mwnet", "l2rw", "storm",
-                          "ml3_online"}  # fmt: skip
+                          "ml3_online", "mlc", "emlc", "mpl", "mpl_exact", "pseudo_label"}  # fmt: skip
 
 
 def test_every_algorithm_and_estimator_config_has_a_case() -> None:

@@ -7,6 +7,8 @@ of noisy rows of one run, symmetric 60 %, seed 0).
 
     python benchmarks/noisy_labels/run.py --dataset fashion_mnist --jobs 2
     python benchmarks/noisy_labels/run.py --dataset mnist1d --seeds 0 1 2 --methods cross_entropy mwnet
+    python benchmarks/noisy_labels/run.py --name label_correction --methods cross_entropy sce mlc mlc_k3 ...
+    python benchmarks/noisy_labels/run.py --name semisup --noises semisup10 --methods clean_only mpl ...
 
 Finished runs (their metrics.json) are reused, so an interrupted benchmark resumes; run directories
 are under benchmarks/runs/noisy_labels/ (not committed). Time per epoch is only comparable between
@@ -29,7 +31,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "sym60": ("symmetric", 0.6),
-          "sym80": ("symmetric", 0.8), "pair40": ("pair", 0.4), "inst40": ("instance", 0.4)}  # fmt: skip
+          "sym80": ("symmetric", 0.8), "pair40": ("pair", 0.4), "inst40": ("instance", 0.4),
+          "semisup10": ("semisup", 10)}  # fmt: skip
 METHODS = {
     "cross_entropy": ["algorithm=cross_entropy"],
     "clean_only": ["algorithm=clean_only"],
@@ -42,6 +45,18 @@ METHODS = {
     "l2rw": ["algorithm=l2rw"],
     "ml3_online": ["algorithm=ml3_online"],
     "storm": ["algorithm=storm"],
+    # label correction: at K = 1 the papers' identity-Hessian meta-gradient is the exact one (mlc, emlc);
+    # at K = 3 the approximation and the exact K-step meta-gradient differ
+    "mlc": ["algorithm=mlc"],
+    "mlc_k3": ["algorithm=mlc", "hypergrad.truncation=3"],
+    "mlc_k3_exact": ["algorithm=mlc", "hypergrad.truncation=3", "hypergrad.kind=tbptt"],
+    "emlc": ["algorithm=emlc"],
+    "emlc_k3": ["algorithm=emlc", "hypergrad.truncation=3"],
+    "emlc_k3_exact": ["algorithm=emlc", "hypergrad.truncation=3", "hypergrad.kind=tbptt"],
+    # semi-supervised (noise "semisup10": task=semisup_<dataset>, 10 labels per class)
+    "pseudo_label": ["algorithm=pseudo_label"],
+    "mpl": ["algorithm=mpl"],
+    "mpl_exact": ["algorithm=mpl_exact"],
 }
 WEIGHTED = ("mwnet", "mwnet_normalized", "storm")
 
@@ -55,9 +70,10 @@ def run_one(dataset: str, noise: str, method: str, seed: int) -> dict:
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     kind, rate = NOISES[noise]
-    cmd = [sys.executable, "scripts/meta_train.py", f"task=noisy_{dataset}", *METHODS[method],
-           f"task.noise.type={kind}", f"task.noise.rate={rate}", f"seed={seed}", "threads=1", "progress=false",
-           "logger=none", "overwrite=true", f"hydra.run.dir={out}"]  # fmt: skip
+    setting = ([f"task=semisup_{dataset}", f"task.labels_per_class={rate}"] if kind == "semisup" else
+               [f"task=noisy_{dataset}", f"task.noise.type={kind}", f"task.noise.rate={rate}"])  # fmt: skip
+    cmd = [sys.executable, "scripts/meta_train.py", *setting, *METHODS[method], f"seed={seed}", "threads=1",
+           "progress=false", "logger=none", "overwrite=true", f"hydra.run.dir={out}"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"FAILED {dataset} {noise} {method} {seed}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -82,7 +98,8 @@ def summarise(dataset: str, results: dict, methods: list[str], noises: list[str]
                 **({"weight_auc": round(float(np.mean([r["weight_auc"] for r in runs])), 3)} if "weight_auc" in runs[0]
                    else {}),
             }  # fmt: skip
-    base = np.mean([v["seconds_per_epoch"] for v in table.get("cross_entropy", {}).values()] or [np.nan])
+    reference = "cross_entropy" if "cross_entropy" in table else next(iter(table), None)  # semisup: the first
+    base = np.mean([v["seconds_per_epoch"] for v in table.get(reference, {}).values()] or [np.nan])
     for rows in table.values():
         rows["time_vs_cross_entropy"] = round(float(np.mean([v["seconds_per_epoch"] for v in rows.values()]) / base), 2)
     return table
@@ -137,6 +154,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--name", default="", help="suffix of the results files (a table of its own)")
     args = parser.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc)
     keys = [(n, m, s) for s in args.seeds for n in args.noises for m in args.methods]
@@ -144,9 +162,9 @@ def main() -> None:
         outs = list(pool.map(lambda k: run_one(args.dataset, *k), keys))
     results = dict(zip(keys, outs))
     table = summarise(args.dataset, results, args.methods, args.noises, args.seeds)
-    out = ROOT / "benchmarks" / "results" / f"noisy_labels_{args.dataset}"
+    out = ROOT / "benchmarks" / "results" / f"noisy_labels_{args.dataset}{'_' + args.name if args.name else ''}"
     command = "python benchmarks/noisy_labels/run.py " + " ".join(sys.argv[1:])
-    record = {"benchmark": f"noisy_labels_{args.dataset}", "command": command.strip(),
+    record = {"benchmark": out.name, "command": command.strip(),
               "date": started.isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, "
                          f"torch {__import__('torch').__version__}, {args.jobs} runs at a time, one thread each",
@@ -161,7 +179,7 @@ def main() -> None:
     plot(table, out.with_suffix(".png"), args.dataset)
     for method in WEIGHTED:
         source = run_dir(args.dataset, "sym60", method, args.seeds[0]) / "weights.png"
-        if method in args.methods and source.is_file():
+        if method in args.methods and source.is_file() and not args.name:
             shutil.copy(source, out.parent / f"noisy_labels_{args.dataset}_weights_{method}.png")
     print(md)
     print(json.dumps({"benchmark": record["benchmark"], "runs": len(keys), "failed": len(record["failed"])}))

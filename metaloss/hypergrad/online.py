@@ -24,6 +24,8 @@ from torch import Tensor
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import HypergradEstimator, OnlineEstimator, mean_over_tasks
 from metaloss.hypergrad.es import OnlineES
+from metaloss.hypergrad.identity_hessian import IdentityHessian
+from metaloss.hypergrad.pseudo_label_feedback import PseudoLabelFeedback
 from metaloss.hypergrad.truncated import TruncatedBackprop
 from metaloss.online import EpisodeSystem, Truncation
 from metaloss.problem import BilevelProblem
@@ -32,13 +34,22 @@ from metaloss.types import Episode, HypergradOut
 UPDATES = ("horizon", "truncation")
 
 
+def _eta(eta: float | None) -> float:
+    if eta is None:
+        raise ConfigError("the identity_hessian kinds discount by (1 - eta)^(K-1-k): set hypergrad.eta (the inner "
+                          "learning rate)")  # fmt: skip
+    return float(eta)
+
+
 def _add(total: list[Tensor | None], part: Sequence[Tensor | None], weight: float) -> list[Tensor | None]:
     """total + weight * part, where None is an absent (zero) gradient."""
     return [t if p is None else (weight * p if t is None else t + weight * p) for t, p in zip(total, part)]
 
 
 class EpisodicOnline(HypergradEstimator):
-    """kind: "tbptt", "pes" or "es_single"; truncation: K inner steps per truncation, or a schedule
+    """kind: "tbptt", "pes" or "es_single" (or, on a training run's look-aheads, "identity_hessian" and
+    "identity_hessian_jvp", `metaloss.hypergrad.identity_hessian`, with eta, and "mpl_feedback",
+    `metaloss.hypergrad.pseudo_label_feedback`); truncation: K inner steps per truncation, or a schedule
     of lengths (`metaloss.online.check_truncation`, e.g. [1, 2, 4]); particles and
     sigma: for the ES kinds; update: "horizon", "truncation" or an int m (see the module docstring);
     seed: fixes the ES noise of every (call, episode) of a run; batched: run an ES kind's particles
@@ -53,9 +64,13 @@ class EpisodicOnline(HypergradEstimator):
         seed: int = 0,
         update: str | int = "horizon",
         batched: bool = False,
+        eta: float | None = None,
     ) -> None:
         makers: dict[str, Callable[[int], OnlineEstimator]] = {
             "tbptt": lambda s: TruncatedBackprop(truncation),
+            "identity_hessian": lambda s: IdentityHessian(truncation, _eta(eta), "reverse"),
+            "identity_hessian_jvp": lambda s: IdentityHessian(truncation, _eta(eta), "forward"),
+            "mpl_feedback": lambda s: PseudoLabelFeedback(truncation),  # type: ignore[arg-type]
             "pes": lambda s: OnlineES(particles, sigma, truncation, resample_every=1, seed=s),
             "es_single": lambda s: OnlineES(particles, sigma, truncation, resample_every=None, seed=s),
         }
@@ -63,8 +78,8 @@ class EpisodicOnline(HypergradEstimator):
             raise ConfigError(f"unknown online estimator {kind!r}; expected one of {sorted(makers)}")
         if update not in UPDATES and (isinstance(update, bool) or not isinstance(update, int) or update < 1):
             raise ConfigError(f"unknown update interval {update!r}; expected one of {UPDATES} or an int >= 1")
-        if batched and kind == "tbptt":
-            raise ConfigError("batched particles are for the ES kinds (pes, es_single); tbptt runs one particle")
+        if batched and kind not in ("pes", "es_single"):
+            raise ConfigError(f"batched particles are for the ES kinds (pes, es_single); {kind} runs one particle")
         makers[kind](seed)  # validates the settings now
         self.kind, self.make, self.seed, self.update = kind, makers[kind], seed, update
         self.batched = batched

@@ -25,11 +25,15 @@ class TruncatedBackprop(OnlineEstimator):
         self.state: dict[str, Any] | None = None
         self.count = 0  # truncations since the inner problem began
 
-    def estimate(self, system: TruncatedSystem, phi: list[Tensor]) -> HypergradOut:
+    def next_truncation(self, system: TruncatedSystem) -> int:
+        """The length of the truncation to take now (a fresh inner problem after the horizon)."""
         if self.state is None or self.state["t"] >= system.horizon:
             self.state, self.count = system.init(1), 0
-        steps = truncation_length(self.lengths, self.count, system.horizon - self.state["t"])
         self.count += 1
+        return truncation_length(self.lengths, self.count - 1, system.horizon - self.state["t"])
+
+    def estimate(self, system: TruncatedSystem, phi: list[Tensor]) -> HypergradOut:
+        steps = self.next_truncation(system)
         state, loss = system.unroll(detach_state(self.state), broadcast(phi, 1), steps)
         grads = torch.autograd.grad(loss.sum(), phi, allow_unused=True) if phi else ()  # no phi: a plain run
         self.state = detach_state(state)

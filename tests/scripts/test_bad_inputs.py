@@ -66,6 +66,14 @@ CASES: dict[str, Case] = {
                                           "set task.data.root="),  # fmt: skip
     "es_on_a_noisy_task": Case(["task=noisy_digits", "hypergrad=pes"], 2,
                                "a noisy-label task runs in the online regime with truncated backpropagation"),
+    "mpl_without_unlabelled_data": Case(["task=noisy_digits", "algorithm=mpl"], 2,
+                                        "pseudo-labelling (mpl, pseudo_label) is for tasks with unlabelled data"),
+    "labels_read_on_a_semisup_task": Case(["task=semisup_digits", "algorithm=cross_entropy"], 2,
+                                          "this task's training rows are unlabelled (semi-supervised)"),
+    "mlc_without_a_clean_meta_set": Case(["task=noisy_digits", "algorithm=mlc", "task.meta_per_class=0"], 2,
+                                         "need a clean meta set: task.meta_per_class >= 1"),  # fmt: skip
+    "mpl_with_a_k_step_lookahead": Case(["task=semisup_digits", "hypergrad.truncation=2"], 2,
+                                        "MPL's teacher feedback is for one-step look-aheads: truncation must be 1"),
     # combinations that cannot learn
     "implicit_on_plain_maml": Case(["hypergrad=implicit_cg"], 2, "Implicit gives no meta-parameter a gradient"),
     "truncation_cuts_the_init": Case(["hypergrad=truncated", "problem.inner_steps=3"], 2,

@@ -5,13 +5,10 @@ runs are deterministic; a killed run resumes to the uninterrupted result bitwise
 
 from __future__ import annotations
 
-import signal
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 from script_runner import TIMING_KEYS, run_all, run_script
-from test_resume import killed_after_first_checkpoint
+from test_resume import whole_and_resumed
 
 BASE = ["task=noisy_digits", "task.epochs=2", "progress=false", "threads=1"]
 METHODS = {
@@ -88,12 +85,7 @@ def test_the_clean_only_baseline_trains_on_the_meta_set(runs):
 def test_a_killed_noisy_label_run_resumes_bitwise(tmp_path):
     plan = ["task=noisy_digits", "algorithm=mwnet", "task.epochs=4", "train.checkpoint_every=7", "logger=none",
             "progress=false", "threads=1"]  # fmt: skip
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        whole = pool.submit(run_script, tmp_path / "whole", plan)
-        status = pool.submit(killed_after_first_checkpoint, tmp_path / "killed", plan).result()
-    resumed, whole = run_script(tmp_path / "killed", plan), whole.result()
-    assert whole.returncode == 0, whole.explain()
-    assert status == -signal.SIGKILL and resumed.returncode == 0, resumed.explain()
+    whole, resumed = whole_and_resumed(tmp_path, plan)
     assert "resuming at look-ahead" in resumed.stderr
     a, b = whole.metrics(), resumed.metrics()
     assert a["resumed_from_step"] is None and 0 < b["resumed_from_step"] < a["meta_steps"]

@@ -43,6 +43,18 @@ def killed_after_first_checkpoint(run_dir: Path, overrides: list[str], script: P
     return proc.wait(timeout=60)
 
 
+def whole_and_resumed(tmp_path: Path, overrides: list[str]) -> tuple[Run, Run]:
+    """The run of `overrides` uninterrupted, and the same run killed after its first checkpoint and
+    resumed (side by side); asserts that both finished and that the kill was a SIGKILL."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        whole = pool.submit(run_script, tmp_path / "whole", overrides)
+        status = pool.submit(killed_after_first_checkpoint, tmp_path / "killed", overrides).result()
+    resumed, whole_run = run_script(tmp_path / "killed", overrides), whole.result()
+    assert whole_run.returncode == 0, whole_run.explain()
+    assert status == -signal.SIGKILL and resumed.returncode == 0, resumed.explain()
+    return whole_run, resumed
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, make_omniglot) -> dict[str, dict]:
     base = tmp_path_factory.mktemp("resume")
