@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from metaloss.errors import ConfigError
+from tasks.domain_shift import DomainData, leave_one_domain_out, rotate_images, rotated_domains
+
+
+def test_rotation_by_ninety_degrees_is_rot90_and_zero_is_the_identity():
+    images = torch.rand(5, 9, 9)
+    assert torch.allclose(rotate_images(images, 90), torch.rot90(images, 1, (-2, -1)), atol=1e-5)
+    assert torch.allclose(rotate_images(images, -90), torch.rot90(images, -1, (-2, -1)), atol=1e-5)
+    assert torch.equal(rotate_images(images, 0), images) and torch.equal(rotate_images(images, 360), images)
+    channels = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(rotate_images(channels, 90), torch.rot90(channels, 1, (-2, -1)), atol=1e-5)
+
+
+def test_rotation_is_counter_clockwise_with_zero_fill():
+    image = torch.zeros(1, 11, 11)
+    image[0, 5, 8] = 1.0  # right of the centre
+    turned = rotate_images(image, 90)[0]
+    assert turned[2, 5] == pytest.approx(1.0, abs=1e-5)  # now above the centre
+    corner = rotate_images(torch.ones(1, 11, 11), 45)[0]
+    assert corner[0, 0] == 0 and corner[5, 5] == pytest.approx(1.0)  # the corners come from outside: zero
+    assert torch.allclose(rotate_images(rotate_images(image, 30), -30)[0, 5, 5], image[0, 5, 5], atol=1e-6)
+
+
+def test_rotated_domains_deal_every_row_once_round_robin_and_rotate_each_domain():
+    images, labels = torch.rand(60, 8, 8), torch.arange(60) % 10
+    data = rotated_domains("toy", images, labels, 10, angles=(0, 15, 30), seed=4)
+    assert data.domains == ["0", "15", "30"] and [len(y) for y in data.y] == [20, 20, 20]
+    assert sorted(torch.cat(data.y).tolist()) == sorted(labels.tolist())
+    unrotated = {tuple(row.flatten().tolist()) for row in images}
+    assert all(tuple(row.flatten().tolist()) in unrotated for row in data.x[0])  # the 0-degree domain: as read
+    again = rotated_domains("toy", images, labels, 10, angles=(0, 15, 30), seed=4)
+    other = rotated_domains("toy", images, labels, 10, angles=(0, 15, 30), seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(data.x, again.x))
+    assert not torch.equal(data.y[0], other.y[0])
+
+
+def toy_domains(sizes=(30, 25, 40)) -> DomainData:
+    xs = [torch.full((n, 2), float(d)) + torch.arange(n)[:, None] / 1000 for d, n in enumerate(sizes)]
+    ys = [torch.arange(n) % 3 for n in sizes]
+    return DomainData("toy", [f"d{d}" for d in range(len(sizes))], xs, ys, 3)
+
+
+@pytest.mark.parametrize("test_domain", ["d0", "d1", "d2"])
+def test_no_row_of_the_held_out_domain_reaches_training_or_validation(test_domain):
+    data = toy_domains()
+    split = leave_one_domain_out(data, test_domain, holdout_fraction=0.2, seed=1)
+    held = data.index(test_domain)
+    assert split.test_domain == held and held not in split.sources and len(split.sources) == 2
+    seen = torch.cat([x for x, _ in split.train] + [x for x, _ in split.val])
+    assert not (seen[:, 0] == float(held)).any()  # every row carries its domain in its first feature
+    for d, (train, val) in zip(split.sources, zip(split.train, split.val)):
+        rows = torch.cat([train[0], val[0]])
+        assert len(rows) == len(data.y[d]) and len(torch.unique(rows, dim=0)) == len(rows)  # disjoint, complete
+        assert len(val[0]) == round(0.2 * len(data.y[d]))
+    assert torch.equal(split.test[0], data.x[held])
+    assert len(split.test_select[0]) + len(split.test_eval[0]) == len(data.y[held])
+
+
+def test_splits_are_deterministic_for_a_seed():
+    a, b, c = (leave_one_domain_out(toy_domains(), "d1", seed=s) for s in (3, 3, 4))
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a.val, b.val))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a.val, c.val))
+
+
+def test_bad_input_is_one_clear_error():
+    with pytest.raises(ConfigError, match="unknown test domain '90'.*0, 15"):
+        leave_one_domain_out(rotated_domains("r", torch.rand(12, 4, 4), torch.zeros(12).long(), 2, (0, 15)), 90)
+    with pytest.raises(ConfigError, match=r"domain\(s\) \['d1'\] have no samples"):
+        DomainData("toy", ["d0", "d1"], [torch.zeros(3, 2), torch.zeros(0, 2)], [torch.zeros(3), torch.zeros(0)], 2)
+    with pytest.raises(ConfigError, match="too few samples"):
+        leave_one_domain_out(toy_domains((30, 1, 40)), "d0")
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        leave_one_domain_out(toy_domains(), "d0", holdout_fraction=1.0)
