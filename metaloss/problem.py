@@ -48,7 +48,12 @@ class BilevelProblem:
     full support batch, so not with `inner_batch_size`). Exact: the body does not change;
     shuffle_seed: with `inner_batch_size`, minibatches drawn epoch by epoch from permutations of the
     support rows fixed by (shuffle_seed, epoch), the last incomplete batch of an epoch dropped (a
-    training run's data stream); None: rows in order, wrapping around."""
+    training run's data stream); None: rows in order, wrapping around;
+    support_weight: lambda, to add lambda L_inner(w0) on the whole support set to the meta-objective:
+    MLDG (Li et al. 2018) minimises F(theta) + beta G(theta - alpha F'(theta)), F on the meta-train
+    domains (the support set) and G on the meta-test domains (the query set), which is beta times the
+    objective G + F / beta, so lambda = 1 / beta (MLDG's and DomainBed's beta = 1: lambda = 1); 0: not
+    added."""
 
     model: nn.Module
     init: nn.Module
@@ -64,6 +69,7 @@ class BilevelProblem:
     meta_objective: str = "query"
     reuse_features: bool = True
     shuffle_seed: int | None = None
+    support_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self._permutation: tuple[tuple[int, int], Tensor] | None = None  # the current epoch's, cached
@@ -300,6 +306,11 @@ class BilevelProblem:
         """The meta-objective of one episode (see `meta_objective`) and detached metrics; the query
         metrics are always reported (as `query_loss` and the metric) for monitoring."""
         loss, metrics = self.query_loss(params, episode)
+        if self.support_weight:
+            w0, frozen = self.initial_params(episode)
+            support = self.inner_objective(episode, w0, frozen)(w0, None)
+            metrics["support_loss"] = support.detach()
+            loss = loss + self.support_weight * support
         if not self.trajectory_objective:
             return loss, metrics
         trajectory = torch.stack(inner.losses).mean()

@@ -7,7 +7,9 @@ test on a domain never seen). Readers stay in `tasks/datasets/`; this module hol
   angle a rotated by a degrees (counter-clockwise, bilinear, zero fill);
 - `leave_one_domain_out`: the source domains, each split into a training and a validation part
   (DomainBed's `holdout_fraction`, 20 %), and the held-out test domain (also split, for the test-domain
-  oracle of model selection, reported apart). No row of the test domain is in a source part.
+  oracle of model selection, reported apart). No row of the test domain is in a source part;
+- `DomainEpisodes`: training episodes drawn from the source domains' training parts only (ERM, MLDG and
+  MAML over domains, Fish).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metaloss.errors import ConfigError
+from metaloss.types import Episode
 from tasks.base import episode_generator
 
 ROTATED_ANGLES = (0, 15, 30, 45, 60, 75)  # DomainBed's RotatedMNIST
-_DEAL_STREAM, _HOLDOUT_STREAM = 21, 22
+EPISODE_MODES = ("erm", "mldg", "fish")
+_DEAL_STREAM, _HOLDOUT_STREAM, _EPISODE_STREAM = 21, 22, 23
 
 
 @dataclass
@@ -132,3 +136,49 @@ def leave_one_domain_out(data: DomainData, test_domain: str | int, holdout_fract
     keep, hold = holdout_rows(len(data.y[test]), holdout_fraction, seed, test)
     x, y = data.x[test], data.y[test]
     return DomainSplit(data, test, sources, train, val, (x, y), (x[hold], y[hold]), (x[keep], y[keep]))
+
+
+class DomainEpisodes:
+    """Episodes of `batch_size` rows from the training part of every source domain of `split`, drawn
+    anew for each index (a pure function of (seed, index)). The episode's meta records which domains
+    played which part. mode:
+
+    - "erm": support = query = the batches of all source domains together;
+    - "mldg" (MLDG, Li et al. 2018; MAML over domains): `meta_test_domains` source domains drawn per
+      episode give the query set (virtual test domains), the others the support set;
+    - "fish" (Shi et al. 2022): support = the batches one domain after another, in an order drawn per
+      episode, so that an inner loop with inner_batch_size = batch_size takes one step per domain;
+      query = all of them.
+    """
+
+    def __init__(self, split: DomainSplit, batch_size: int = 64, mode: str = "erm", meta_test_domains: int = 1,
+                 seed: int = 0) -> None:  # fmt: skip
+        if mode not in EPISODE_MODES:
+            raise ConfigError(f"unknown domain episode mode {mode!r}; expected one of {EPISODE_MODES}")
+        if batch_size < 1:
+            raise ConfigError(f"task.batch_size must be >= 1, got {batch_size}")
+        if mode == "mldg" and not 1 <= meta_test_domains < len(split.sources):
+            raise ConfigError(f"MLDG needs 1 <= meta_test_domains < {len(split.sources)} source domains, got "
+                              f"{meta_test_domains}")  # fmt: skip
+        self.split, self.batch_size, self.mode = split, batch_size, mode
+        self.meta_test_domains, self.seed = meta_test_domains, seed
+
+    def episode(self, index: int) -> Episode:
+        g = episode_generator(self.seed, index, _EPISODE_STREAM)
+        batches = []
+        for x, y in self.split.train:
+            rows = torch.randint(len(y), (self.batch_size,), generator=g)  # with replacement, like DomainBed's
+            batches.append((x[rows], y[rows]))
+        order = torch.randperm(len(batches), generator=g).tolist()
+        names = self.split.source_names
+        everything = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+        if self.mode == "erm":
+            return Episode(*everything, *everything, {"domains": names})
+        if self.mode == "fish":
+            sequence = [batches[d] for d in order]
+            support = (torch.cat([b[0] for b in sequence]), torch.cat([b[1] for b in sequence]))
+            return Episode(*support, *everything, {"domain_order": [names[d] for d in order]})
+        test, train = sorted(order[: self.meta_test_domains]), sorted(order[self.meta_test_domains :])
+        pick = lambda ds, k: torch.cat([batches[d][k] for d in ds])  # noqa: E731
+        return Episode(pick(train, 0), pick(train, 1), pick(test, 0), pick(test, 1),
+                       {"meta_train": [names[d] for d in train], "meta_test": [names[d] for d in test]})  # fmt: skip

@@ -7,6 +7,7 @@ from metaloss.hypergrad.identity_hessian import IdentityHessian
 from metaloss.hypergrad.implicit import Implicit
 from metaloss.hypergrad.online import EpisodicOnline
 from metaloss.hypergrad.pseudo_label_feedback import PseudoLabelFeedback
+from metaloss.hypergrad.reptile import Reptile
 from metaloss.hypergrad.truncated import TruncatedBackprop
 from metaloss.hypergrad.unrolled import Unrolled
 
@@ -20,6 +21,7 @@ __all__ = [
     "OnlineES",
     "OnlineEstimator",
     "PseudoLabelFeedback",
+    "Reptile",
     "TruncatedBackprop",
     "Unrolled",
 ]

@@ -155,3 +155,45 @@ def test_a_loss_that_needs_context_can_predict_with_the_adapted_parameters() -> 
     assert len(seen) == 2 and not torch.equal(seen[0][0], seen[1][0])  # the second step sees adapted weights
     for got, want in seen:
         torch.testing.assert_close(got, want)
+
+
+def _mldg_setup():
+    from tasks.domain_shift import DomainData, DomainEpisodes, leave_one_domain_out
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 3, generator=g, dtype=torch.float64) + d for d in range(4)]
+    data = DomainData("toy", ["a", "b", "c", "d"], xs, [torch.randint(3, (16,), generator=g) for _ in xs], 3)
+    episode = DomainEpisodes(leave_one_domain_out(data, "d"), batch_size=5, mode="mldg", seed=1).episode(0)
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    ce = torch.nn.functional.cross_entropy
+    problem = BilevelProblem(model=model, init=LearnedInit(model), inner_opt=HyperparameterOptimizer(name="sgd",
+                             lr=0.3), inner_loss=ce, outer_loss=ce, inner_steps=1, support_weight=0.7)  # fmt: skip
+    return model, problem, episode
+
+
+def _mldg_loss(model, theta, x, y):
+    from torch.func import functional_call
+
+    return torch.nn.functional.cross_entropy(functional_call(model, theta, (x,)), y)
+
+
+@pytest.mark.parametrize("mode", ["full", "first_order"])
+def test_mldg_meta_gradient_equals_the_hand_written_one(mode):
+    """MLDG (Li et al. 2018): d/dtheta [lambda F(theta) + G(theta - alpha F'(theta))] (beta = 1 / lambda,
+    the objective divided by beta), F on the meta-train domains, G on the meta-test ones; first order:
+    the inner gradient F' taken as a constant."""
+    from metaloss.hypergrad import Unrolled
+
+    model, problem, episode = _mldg_setup()
+    assert episode.meta["meta_test"] and not set(episode.meta["meta_test"]) & set(episode.meta["meta_train"])
+    names = [n for n, _ in model.named_parameters()]
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    f = _mldg_loss(model, theta, episode.support_x, episode.support_y)
+    inner = torch.autograd.grad(f, list(theta.values()), create_graph=mode == "full", retain_graph=True)
+    adapted = {n: theta[n] - 0.3 * g for n, g in zip(names, inner)}
+    objective = 0.7 * f + _mldg_loss(model, adapted, episode.query_x, episode.query_y)
+    expected = torch.autograd.grad(objective, list(theta.values()))
+    out = Unrolled(mode).estimate(problem, [episode])
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(out.grads, expected))
+    assert out.metrics["support_loss"] == pytest.approx(float(f))

@@ -74,3 +74,34 @@ def test_bad_input_is_one_clear_error():
         leave_one_domain_out(toy_domains((30, 1, 40)), "d0")
     with pytest.raises(ConfigError, match="holdout_fraction"):
         leave_one_domain_out(toy_domains(), "d0", holdout_fraction=1.0)
+
+
+@pytest.mark.parametrize("mode", ["erm", "mldg", "fish"])
+def test_episodes_draw_only_source_training_rows_and_repeat_for_a_seed(mode):
+    from tasks.domain_shift import DomainEpisodes
+
+    data = toy_domains((30, 25, 40, 35))
+    split = leave_one_domain_out(data, "d2", seed=1)
+    sampler = DomainEpisodes(split, batch_size=6, mode=mode, meta_test_domains=1, seed=3)
+    allowed = {tuple(r.tolist()) for x, _ in split.train for r in x}
+    for i in range(5):
+        e = sampler.episode(i)
+        rows = torch.cat([e.support_x, e.query_x])
+        assert all(tuple(r.tolist()) in allowed for r in rows)  # no test-domain and no validation row
+        again = sampler.episode(i)
+        assert torch.equal(e.support_x, again.support_x) and torch.equal(e.query_y, again.query_y)
+        if mode == "mldg":
+            assert len(e.meta["meta_test"]) == 1 and len(e.meta["meta_train"]) == 2
+            assert set(e.meta["meta_test"]) | set(e.meta["meta_train"]) == {"d0", "d1", "d3"}
+            domains_of_query = {int(v) for v in e.query_x[:, 0].floor().tolist()}
+            assert domains_of_query == {int(e.meta["meta_test"][0][1:])}
+        if mode == "fish":
+            order = e.meta["domain_order"]
+            assert sorted(order) == ["d0", "d1", "d3"]
+            for k, name in enumerate(order):  # inner step k (batch 6) reads domain order[k]
+                assert (e.support_x[6 * k : 6 * (k + 1), 0].floor() == int(name[1:])).all()
+    assert not torch.equal(sampler.episode(0).support_x, sampler.episode(1).support_x)
+    with pytest.raises(ConfigError, match="meta_test_domains"):
+        DomainEpisodes(split, mode="mldg", meta_test_domains=3)
+    with pytest.raises(ConfigError, match="unknown domain episode mode"):
+        DomainEpisodes(split, mode="coral")
