@@ -176,7 +176,8 @@ def main() -> None:
     md = markdown(table, args.noises)
     out.with_suffix(".md").write_text(f"{command.strip()} ({record['date']}, {record['machine']}); test accuracy "
                                       f"in %, mean ± std over seeds {args.seeds}\n\n{md}\n")  # fmt: skip
-    plot(table, out.with_suffix(".png"), args.dataset)
+    if any(n.startswith("sym") for n in args.noises):  # accuracy against the symmetric noise rate
+        plot(table, out.with_suffix(".png"), args.dataset)
     for method in WEIGHTED:
         source = run_dir(args.dataset, "sym60", method, args.seeds[0]) / "weights.png"
         if method in args.methods and source.is_file() and not args.name:
