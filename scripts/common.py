@@ -223,6 +223,7 @@ def build_problem(
         meta_objective=cfg.problem.get("meta_objective", "query"),
         inner_batch_size=cfg.problem.get("inner_batch_size"),
         shuffle_seed=cfg.problem.get("shuffle_seed"),
+        support_weight=cfg.problem.get("support_weight", 0.0),
     )
 
 

@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     precheck,
     start_job,
 )
+from domain_task import DomainRun  # noqa: E402
 from online_task import OnlineTaskRun, save_weight_histogram  # noqa: E402
 from settings import validate_meta_train  # noqa: E402
 
@@ -61,6 +62,9 @@ def main(cfg: DictConfig) -> None:
         built = build(cfg)
     if getattr(built.splits, "online", False):  # a noisy-label training run: the online regime
         train_online(cfg, settings, run_dir, directory, built, group_choices, started)
+        return
+    if getattr(built.splits, "domains", False):  # domain generalisation: episodes of the source domains
+        train_domains(cfg, settings, run_dir, directory, built, group_choices, started)
         return
     with config_errors():
         if built.splits.train is None or built.splits.val is None:
@@ -186,6 +190,45 @@ def train_online(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunDi
         "saved": saved,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": round(run.trainer.run.step_seconds / max(task.epochs, 1), 3),
+        **final,
+        "total_seconds": round(time.time() - started, 2),
+    }
+    with output_errors(run_dir):
+        finish(run_dir, metrics)
+
+
+def train_domains(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunDirectory, built: Any,
+                  choices: dict[str, str], started: float) -> None:  # fmt: skip
+    """The model trained on episodes of the source domains (scripts/domain_task.py); metrics.json holds the
+    per-domain accuracies and the test-domain accuracy selected by training-domain validation."""
+    task = built.splits
+    with config_errors():
+        run = DomainRun(task, built.problem, run_dir)
+        trainer = MetaTrainer(built.problem, built.estimator, built.outer_opt, task.train,
+                              meta_batch=settings.train.meta_batch, device=settings.device, dtype=dtype_of(cfg),
+                              max_bad_steps=settings.train.max_bad_steps)  # fmt: skip
+        directory.open(trainer, settings.train.meta_steps)
+        run.resume(directory.resumed_from)
+        with output_errors(run_dir):
+            logger = instantiate(cfg.logger, purge_step=directory.resumed_from)
+    directory.train(trainer, settings.train.meta_steps, logger, "lower the learning rates, or raise "
+                    "train.max_bad_steps", log_every=settings.train.log_every, validate=run.validate,
+                    validate_every=settings.train.validate_every, progress=settings.progress,
+                    checkpoint_every=settings.train.checkpoint_every)  # fmt: skip
+    train_seconds = time.time() - started
+    final = run.final()
+    logger.log(settings.train.meta_steps, {k: v for k, v in final.items() if isinstance(v, float)}, prefix="final/")
+    logger.close()
+    metrics: dict[str, object] = {
+        "task": choices.get("task"),
+        "algorithm": choices.get("algorithm"),
+        "hypergrad": choices.get("hypergrad"),
+        "meta_steps": settings.train.meta_steps,
+        "outer_updates": trainer.run.outer_updates,
+        "skipped_updates": trainer.run.skipped_updates,
+        "resumed_from_step": directory.resumed_from,
+        "train_seconds": round(train_seconds, 2),
+        "step_seconds": round(trainer.run.step_seconds, 2),
         **final,
         "total_seconds": round(time.time() - started, 2),
     }

@@ -34,6 +34,7 @@ class ProblemSettings:
     meta_objective: str = "query"
     inner_batch_size: Optional[int] = None  # noqa: UP045
     shuffle_seed: Optional[int] = None  # noqa: UP045
+    support_weight: float = 0.0
 
 
 @dataclass

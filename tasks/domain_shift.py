@@ -9,7 +9,10 @@ test on a domain never seen). Readers stay in `tasks/datasets/`; this module hol
   (DomainBed's `holdout_fraction`, 20 %), and the held-out test domain (also split, for the test-domain
   oracle of model selection, reported apart). No row of the test domain is in a source part;
 - `DomainEpisodes`: training episodes drawn from the source domains' training parts only (ERM, MLDG and
-  MAML over domains, Fish).
+  MAML over domains, Fish);
+- `TargetFewShotEpisodes` and `TestTimeEpisodes`: evaluation episodes on the held-out domain, few-shot
+  adaptation (k labelled rows per class of its oracle part, queries from the rest) and test-time
+  adaptation (an unlabelled batch, then its labels for scoring).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from tasks.base import episode_generator
 
 ROTATED_ANGLES = (0, 15, 30, 45, 60, 75)  # DomainBed's RotatedMNIST
 EPISODE_MODES = ("erm", "mldg", "fish")
-_DEAL_STREAM, _HOLDOUT_STREAM, _EPISODE_STREAM = 21, 22, 23
+_DEAL_STREAM, _HOLDOUT_STREAM, _EPISODE_STREAM, _TARGET_STREAM = 21, 22, 23, 24
+UNLABELLED = -1
 
 
 @dataclass
@@ -182,3 +186,73 @@ class DomainEpisodes:
         pick = lambda ds, k: torch.cat([batches[d][k] for d in ds])  # noqa: E731
         return Episode(pick(train, 0), pick(train, 1), pick(test, 0), pick(test, 1),
                        {"meta_train": [names[d] for d in train], "meta_test": [names[d] for d in test]})  # fmt: skip
+
+
+class TargetFewShotEpisodes:
+    """Few-shot adaptation to the held-out domain: `k_shot` labelled rows of each of `n_way` classes
+    drawn from the test domain's select part (the support set) and `q_query` rows of the same classes
+    from its eval part (the query set), disjoint by construction; a pure function of (seed, index)."""
+
+    def __init__(self, split: DomainSplit, n_way: int, k_shot: int = 1, q_query: int = 5, seed: int = 0) -> None:
+        (_, ys), (_, ye) = split.test_select, split.test_eval
+        classes = sorted(set(ys.tolist()) & set(ye.tolist()))
+        usable = [c for c in classes if int((ys == c).sum()) >= k_shot and int((ye == c).sum()) >= q_query]
+        if n_way < 2 or k_shot < 1 or q_query < 1 or len(usable) < n_way:
+            raise ConfigError(f"few-shot target episodes need n_way >= 2, k_shot >= 1, q_query >= 1 and n_way "
+                              f"classes with k_shot and q_query rows in the test domain's parts; got {n_way}, "
+                              f"{k_shot}, {q_query} and {len(usable)} such classes")  # fmt: skip
+        self.split, self.classes, self.n_way, self.k_shot, self.q_query, self.seed = (
+            split, usable, n_way, k_shot, q_query, seed)  # fmt: skip
+
+    def episode(self, index: int) -> Episode:
+        g = episode_generator(self.seed, index, _TARGET_STREAM)
+        chosen = [self.classes[i] for i in torch.randperm(len(self.classes), generator=g)[: self.n_way].tolist()]
+        parts = []
+        for (x, y), count in ((self.split.test_select, self.k_shot), (self.split.test_eval, self.q_query)):
+            rows = [torch.nonzero(y == c).squeeze(1) for c in chosen]
+            picked = [r[torch.randperm(len(r), generator=g)[:count]] for r in rows]
+            labels = torch.cat([torch.full((count,), i) for i in range(self.n_way)])
+            parts.append((x[torch.cat(picked)], labels))
+        return Episode(*parts[0], *parts[1], {"classes": chosen})
+
+
+class TestTimeEpisodes:
+    """Test-time adaptation on the held-out domain: `batch_size` rows of the test domain, the support set
+    unlabelled (labels UNLABELLED: an inner loss that reads no labels, e.g. entropy, adapts on it) and
+    the same rows with their labels as the query set (scored after adaptation)."""
+
+    def __init__(self, split: DomainSplit, batch_size: int = 64, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"test-time episodes need batch_size >= 1, got {batch_size}")
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+
+    def episode(self, index: int) -> Episode:
+        x, y = self.split.test
+        rows = torch.randperm(len(y), generator=episode_generator(self.seed, index, _TARGET_STREAM + 1))
+        rows = rows[: self.batch_size]
+        return Episode(x[rows], torch.full_like(y[rows], UNLABELLED), x[rows], y[rows])
+
+
+@dataclass
+class DomainTask:
+    """A domain-generalisation run of the episodic regime (scripts/domain_task.py): the meta-parameters
+    (a learned initialisation: the model itself) are trained on `train` episodes of the source
+    domains and evaluated, without adaptation, on every source domain's validation part and on the
+    held-out test domain."""
+
+    domains = True  # marks the task for meta_train.py
+    split: DomainSplit
+    train: DomainEpisodes
+    loss: str = "cross_entropy"
+    metric: str | None = "accuracy"
+
+
+def domain_task(data: DomainData, test_domain: str | int, episodes: str = "erm", batch_size: int = 64,
+                meta_test_domains: int = 1, holdout_fraction: float = 0.2, seed: int = 0, flatten: bool = True,
+                n_way: int | None = None) -> DomainTask:  # fmt: skip
+    """`data` with `test_domain` left out and training episodes of kind `episodes` (see DomainEpisodes);
+    flatten: the inputs as flat vectors (for an MLP). n_way: read by configs (the model's width)."""
+    if flatten:
+        data = DomainData(data.name, data.domains, [x.flatten(1) for x in data.x], data.y, data.n_classes)
+    split = leave_one_domain_out(data, test_domain, holdout_fraction, seed)
+    return DomainTask(split, DomainEpisodes(split, batch_size, episodes, meta_test_domains, seed))

@@ -12,13 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaloss.errors import ConfigError, DataNotFoundError
-from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnline, Implicit, Unrolled
+from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnline, Implicit, Reptile, Unrolled
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.meta import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, WarpPreconditioner
 from metaloss.meta.weighting import AssignGradient
 from metaloss.models import MLP, CifarResNet, Conv4, ResNet12, ShapedSine
 from tasks.base import TaskSplits
+from tasks.domain_shift import DomainTask
 from tasks.noisy_label import NoisyLabelTask
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,8 @@ def test_every_option_composes(group, option):
     # L2RW's weights are sized by a noisy-label task's minibatch, and the correctors and teachers by its
     # classes and inputs: they compose with one
     noisy = ["task=noisy_digits"] if option in ("l2rw", "mlc", "emlc") and group in ("algorithm", "inner_loss") else []
+    if option in DOMAIN_ALGORITHMS and group == "algorithm":
+        noisy = ["task=rotated_digits"]
     if option in ("mpl", "mpl_exact", "pseudo_label") and group in ("algorithm", "inner_loss"):
         noisy = ["task=semisup_digits"]
     cfg = compose_with(f"{group}={option}", *noisy)
@@ -138,6 +141,9 @@ def test_hypergrad_instantiates(option):
         return
     if option == "checkpointed":
         assert isinstance(estimator, CheckpointedUnrolled) and estimator.segment is None
+        return
+    if option == "reptile":
+        assert isinstance(estimator, Reptile)
         return
     assert isinstance(estimator, Unrolled)
     assert estimator.mode == {"unrolled": "full"}.get(option, option)
@@ -236,6 +242,15 @@ def test_task_instantiates(option, mini_root, cifar_root, cifar10_root, omniglot
     data = omniglot_overrides.get(option, data)
     cfg = compose_with(f"task={option}", "seed=7", *data)
     assert cfg.task.get("seed", 7) == 7  # the one-shot runs are fixed: no seed
+    if option in DOMAIN_TASKS:  # domain generalisation: source-domain episodes, whole-domain evaluation
+        extra = ["task.data.limit=600"] if option == "rotated_fashion_mnist" else []
+        extra += ["task.data.samples=100"] if option == "mnist1d_domains" else []
+        task = instantiate(compose_with(f"task={option}", "seed=7", *extra).task)
+        assert isinstance(task, DomainTask) and task.split.test_domain not in task.split.sources
+        episode = task.train.episode(0)
+        assert episode.support_x.shape[1] == cfg.model.in_features
+        assert task.split.data.n_classes == cfg.model.out_features
+        return
     if option.startswith(("noisy_", "semisup_")):  # a training run of the online regime, not episodes
         task = instantiate(cfg.task)
         assert isinstance(task, NoisyLabelTask) and task.loss == "cross_entropy" and task.horizon > 0
@@ -319,6 +334,8 @@ def test_algorithm_overlays_leave_the_task_alone():
         assert cfg.model._target_ == "metaloss.models.Conv4"
 
 
+DOMAIN_TASKS = ("rotated_fashion_mnist", "rotated_digits", "mnist1d_domains")
+DOMAIN_ALGORITHMS = ("erm", "mldg", "maml_domains", "fish")
 NOISY_BASELINES = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1"}
 NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online", "storm", "mlc", "emlc"}
 SEMISUP_ALGORITHMS = {"mpl", "mpl_exact", "pseudo_label"}
@@ -356,6 +373,11 @@ def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_roo
         overrides += ["task=noisy_digits"]  # the noisy-label methods and baselines
     if (group == "algorithm" and option in SEMISUP_ALGORITHMS) or (group, option) == ("inner_loss", "mpl"):
         overrides += ["task=semisup_digits"]
+    if (group == "algorithm" and option in DOMAIN_ALGORITHMS) or (group, option) == ("hypergrad", "reptile"):
+        overrides += ["task=rotated_digits"] + (["algorithm=fish"] if group == "hypergrad" else [])
+    if group == "task" and option in DOMAIN_TASKS:
+        overrides += {"rotated_fashion_mnist": ["task.data.limit=600"], "mnist1d_domains": ["task.data.samples=100"]
+                      }.get(option, [])  # fmt: skip
     built = load_common().build(compose_with(*overrides))
     if group == "algorithm" and option in NOISY_BASELINES:  # nothing is meta-learned: no outer optimizer
         assert not built.problem.meta_parameters() and built.outer_opt is None

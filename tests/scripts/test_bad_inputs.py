@@ -74,6 +74,8 @@ CASES: dict[str, Case] = {
                                          "need a clean meta set: task.meta_per_class >= 1"),  # fmt: skip
     "mpl_with_a_k_step_lookahead": Case(["task=semisup_digits", "hypergrad.truncation=2"], 2,
                                         "MPL's teacher feedback is for one-step look-aheads: truncation must be 1"),
+    "unknown_test_domain": Case(["task=rotated_digits", "task.test_domain=90"], 2,
+                                "unknown test domain '90' of rotated_digits; its domains are 0, 15, 30, 45, 60, 75"),
     # combinations that cannot learn
     "implicit_on_plain_maml": Case(["hypergrad=implicit_cg"], 2, "Implicit gives no meta-parameter a gradient"),
     "truncation_cuts_the_init": Case(["hypergrad=truncated", "problem.inner_steps=3"], 2,

@@ -105,3 +105,29 @@ def test_episodes_draw_only_source_training_rows_and_repeat_for_a_seed(mode):
         DomainEpisodes(split, mode="mldg", meta_test_domains=3)
     with pytest.raises(ConfigError, match="unknown domain episode mode"):
         DomainEpisodes(split, mode="coral")
+
+
+def test_target_few_shot_episodes_adapt_on_the_oracle_part_and_query_the_rest():
+    from tasks.domain_shift import TargetFewShotEpisodes
+
+    data = toy_domains((60, 60, 90))
+    split = leave_one_domain_out(data, "d2", seed=1)
+    sampler = TargetFewShotEpisodes(split, n_way=3, k_shot=2, q_query=4, seed=5)
+    select = {tuple(r.tolist()) for r in split.test_select[0]}
+    evaluate = {tuple(r.tolist()) for r in split.test_eval[0]}
+    e = sampler.episode(0)
+    assert e.support_y.tolist() == [0, 0, 1, 1, 2, 2] and len(e.query_y) == 12
+    assert all(tuple(r.tolist()) in select for r in e.support_x)
+    assert all(tuple(r.tolist()) in evaluate for r in e.query_x)
+    assert torch.equal(e.query_x, sampler.episode(0).query_x)
+    with pytest.raises(ConfigError, match="few-shot target episodes"):
+        TargetFewShotEpisodes(split, n_way=4)
+
+
+def test_test_time_episodes_hide_the_labels_of_the_adaptation_batch():
+    from tasks.domain_shift import UNLABELLED, TestTimeEpisodes
+
+    split = leave_one_domain_out(toy_domains(), "d1", seed=1)
+    e = TestTimeEpisodes(split, batch_size=8, seed=2).episode(3)
+    assert (e.support_y == UNLABELLED).all() and torch.equal(e.support_x, e.query_x)
+    assert (e.query_x[:, 0].floor() == 1).all() and (e.query_y >= 0).all()

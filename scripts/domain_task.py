@@ -1,0 +1,92 @@
+"""meta_train.py's branch for a domain-generalisation task (`tasks.domain_shift.DomainTask`): the
+meta-parameters, a learned initialisation (the model itself), are trained on episodes of the source
+domains through the one outer loop (checkpoints, exact resume), and every `train.validate_every` steps
+the model is scored without adaptation on each source domain's validation part and on the held-out
+test domain. Model selection as DomainBed defines it: the step with the best mean accuracy on the
+source validation parts (training-domain validation) gives the reported test accuracy; the test-domain
+oracle (the step with the best accuracy on a held-out fifth of the test domain, scored on the rest) is
+reported apart, labelled as such. The history of these evaluations is kept in `domain_validation.json`
+beside the checkpoint, so a resumed run selects among all of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaloss.errors import ConfigError
+from metaloss.functional import forward
+from metaloss.problem import BilevelProblem
+from tasks.domain_shift import DomainTask
+
+HISTORY = "domain_validation.json"
+
+
+@torch.no_grad()
+def accuracy(problem: BilevelProblem, params: dict[str, Tensor], x: Tensor, y: Tensor, batch: int = 2000) -> float:
+    """The accuracy of the model with `params` on (x, y)."""
+    like = next(iter(params.values()))
+    x, y = x.to(like.device, like.dtype if x.is_floating_point() else x.dtype), y.to(like.device)
+    right = sum(int((forward(problem.model, params, x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+                for i in range(0, len(y), batch))  # fmt: skip
+    return right / max(len(y), 1)
+
+
+class DomainRun:
+    """The evaluations and the model selection of one run."""
+
+    def __init__(self, task: DomainTask, problem: BilevelProblem, run_dir: Path) -> None:
+        w0, _ = problem.initial_params()
+        if not any(p.requires_grad for p in w0.values()) or not problem.meta_parameters():
+            raise ConfigError("a domain-generalisation run trains the model itself: use init=learned (the "
+                              "algorithms erm, mldg, maml_domains and fish set it)")  # fmt: skip
+        if task.train.mode == "fish":  # one inner step per source domain, on its batch
+            problem.inner_steps, problem.inner_batch_size = len(task.split.sources), task.train.batch_size
+        self.task, self.problem, self.path = task, problem, run_dir / HISTORY
+        self.history: list[dict[str, Any]] = []
+
+    def resume(self, resumed_from: int | None) -> None:
+        """Take up the evaluations of the interrupted run, up to the step it resumes from."""
+        if resumed_from is not None and self.path.is_file():
+            self.history = [h for h in json.loads(self.path.read_text()) if h["step"] <= resumed_from]
+
+    def scores(self) -> dict[str, float]:
+        """Accuracy on each source domain's validation part, their mean, the test domain (whole) and the
+        oracle's two parts of it."""
+        w0, frozen = self.problem.initial_params()
+        params = {**frozen, **w0}
+        split, out = self.task.split, {}
+        for name, (x, y) in zip(split.source_names, split.val):
+            out[f"val_accuracy/{name}"] = accuracy(self.problem, params, x, y)
+        out["val_accuracy"] = sum(out.values()) / len(split.val)
+        out["test_accuracy"] = accuracy(self.problem, params, *split.test)
+        out["oracle_select_accuracy"] = accuracy(self.problem, params, *split.test_select)
+        out["oracle_eval_accuracy"] = accuracy(self.problem, params, *split.test_eval)
+        return out
+
+    def validate(self, step: int) -> dict[str, float]:
+        """`scores()` at meta-step `step`, recorded (and written) for model selection."""
+        scores = self.scores()
+        self.history = [h for h in self.history if h["step"] < step + 1] + [{"step": step + 1, **scores}]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.history, indent=1))
+        tmp.replace(self.path)
+        return scores
+
+    def final(self) -> dict[str, Any]:
+        """The final model's scores, the selected ones (training-domain validation) and the oracle's."""
+        last = self.scores()
+        history = self.history or [{"step": None, **last}]
+        chosen = max(history, key=lambda h: h["val_accuracy"])
+        oracle = max(history, key=lambda h: h["oracle_select_accuracy"])
+        split = self.task.split
+        return {"test_domain": split.data.domains[split.test_domain], "source_domains": split.source_names,
+                "episodes": self.task.train.mode, "final_test_accuracy": last["test_accuracy"],
+                "final_val_accuracy": last["val_accuracy"], "selected_step": chosen["step"],
+                "val_accuracy": chosen["val_accuracy"], "test_accuracy": chosen["test_accuracy"],
+                "oracle_step": oracle["step"], "oracle_test_accuracy": oracle["oracle_eval_accuracy"],
+                **{k: v for k, v in chosen.items() if k.startswith("val_accuracy/")},
+                "validations": len(self.history)}  # fmt: skip

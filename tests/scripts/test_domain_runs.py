@@ -1,0 +1,86 @@
+"""scripts/meta_train.py on the domain-generalisation tasks, as a user runs them (rotated digits, a few
+hundred steps): ERM, MLDG (second and first order), MAML over domains and Fish train the model on the
+source domains and report, in metrics.json, the held-out domain's accuracy selected by training-domain
+validation, each source domain's validation accuracy and the test-domain oracle apart; a killed run
+resumes to the uninterrupted result; rotated Fashion-MNIST (official idx fixture) and the MNIST-1D
+domains compose and run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from script_runner import TIMING_KEYS, run_all, run_script
+from test_resume import whole_and_resumed
+
+BASE = ["task=rotated_digits", "train.meta_steps=120", "train.validate_every=40", "progress=false", "threads=1",
+        "logger=none"]  # fmt: skip
+PLANS = {
+    "erm": BASE + ["algorithm=erm"],
+    "mldg": BASE + ["algorithm=mldg", "logger=tensorboard"],
+    "mldg_first_order": BASE + ["algorithm=mldg", "hypergrad=first_order"],
+    "maml_domains": BASE + ["algorithm=maml_domains"],
+    "fish": BASE + ["algorithm=fish", "task.test_domain=0"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_all(tmp_path_factory.mktemp("domains"), PLANS)
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_every_method_reports_the_held_out_domain_selected_by_training_domain_validation(runs, name):
+    run = runs[name]
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert run.last_stdout_json() == metrics and (run.dir / "checkpoint.pt").is_file()
+    held = "0" if name == "fish" else "75"
+    assert metrics["test_domain"] == held and held not in metrics["source_domains"]
+    assert len(metrics["source_domains"]) == 5 and metrics["validations"] == 3
+    assert all(0 <= metrics[f"val_accuracy/{d}"] <= 1 for d in metrics["source_domains"])
+    history = json.loads((run.dir / "domain_validation.json").read_text())
+    chosen = max(history, key=lambda h: h["val_accuracy"])
+    assert metrics["selected_step"] == chosen["step"] and metrics["test_accuracy"] == chosen["test_accuracy"]
+    assert metrics["oracle_test_accuracy"] == max(history, key=lambda h: h["oracle_select_accuracy"])[
+        "oracle_eval_accuracy"]  # fmt: skip
+    assert metrics["val_accuracy"] > 0.3 and metrics["test_accuracy"] > 0.2  # above chance (0.1) on 120 steps
+    assert metrics["episodes"] == {"erm": "erm", "fish": "fish"}.get(name, "mldg")
+
+
+def test_the_methods_train_different_models(runs):
+    assert len({runs[name].metrics()["final_test_accuracy"] for name in PLANS}) >= 4
+
+
+def test_tensorboard_has_the_per_domain_validation(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["mldg"].dir / "tensorboard"))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    for tag in ("meta_val/val_accuracy", "meta_val/test_accuracy", "meta_val/val_accuracy/0", "final/test_accuracy"):
+        assert tag in scalars, tag
+
+
+def test_a_killed_domain_run_resumes_to_the_same_result(tmp_path):
+    plan = ["task=rotated_digits", "algorithm=mldg", "train.meta_steps=200", "train.validate_every=20",
+            "train.checkpoint_every=30", "logger=none", "progress=false", "threads=1"]  # fmt: skip
+    whole, resumed = whole_and_resumed(tmp_path, plan)
+    a, b = whole.metrics(), resumed.metrics()
+    assert 0 < b["resumed_from_step"] < 200
+    skip = TIMING_KEYS | {"resumed_from_step", "step_seconds"}
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def test_rotated_fashion_mnist_and_mnist1d_domains_run(tmp_path, make_fashion_mnist_split):
+    make_fashion_mnist_split(tmp_path, "train", 240, gz=True, seed=1)
+    make_fashion_mnist_split(tmp_path, "t10k", 60, gz=True, seed=2)
+    for plan in (["task=rotated_fashion_mnist", f"task.data.root={tmp_path}", "task.batch_size=8"],
+                 ["task=mnist1d_domains", "task.data.samples=60", "task.batch_size=8"]):  # fmt: skip
+        short = ["algorithm=mldg", "train.meta_steps=4", "train.validate_every=2", "logger=none", "progress=false",
+                 "threads=1"]  # fmt: skip
+        run = run_script(tmp_path / plan[0].removeprefix("task="), plan + short)
+        assert run.returncode == 0, run.explain()
+        metrics = run.metrics()
+        assert metrics["validations"] == 2 and metrics["test_domain"] in ("75", "noisy")
+        assert len(metrics["source_domains"]) == (5 if "rotated" in plan[0] else 4)
