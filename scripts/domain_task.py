@@ -1,12 +1,13 @@
 """meta_train.py's branch for a domain-generalisation task (`tasks.domain_shift.DomainTask`): the
-meta-parameters, a learned initialisation (the model itself), are trained on episodes of the source
-domains through the one outer loop (checkpoints, exact resume), and every `train.validate_every` steps
-the model is scored without adaptation on each source domain's validation part and on the held-out
-test domain. Model selection as DomainBed defines it: the step with the best mean accuracy on the
-source validation parts (training-domain validation) gives the reported test accuracy; the test-domain
-oracle (the step with the best accuracy on a held-out fifth of the test domain, scored on the rest) is
-reported apart, labelled as such. The history of these evaluations is kept in `domain_validation.json`
-beside the checkpoint, so a resumed run selects among all of them."""
+meta-parameters (a learned initialisation, the model itself; or a learned loss) are trained on episodes
+of the source domains through the one outer loop (checkpoints, exact resume), and every
+`train.validate_every` steps the model (the initialisation as it is; or one trained with the learned
+loss for `task.eval_steps` steps on the source domains) is scored on each source domain's validation
+part and on the held-out test domain. Model selection as DomainBed defines it: the step with the best
+mean accuracy on the source validation parts (training-domain validation) gives the reported test
+accuracy; the test-domain oracle (the step with the best accuracy on a held-out fifth of the test
+domain, scored on the rest) is reported apart, labelled as such. The history of these evaluations is
+kept in `domain_validation.json` beside the checkpoint, so a resumed run selects among all of them."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaloss.errors import ConfigError
 from metaloss.functional import forward
 from metaloss.problem import BilevelProblem
+from metaloss.types import Episode
 from tasks.domain_shift import DomainTask
 
 HISTORY = "domain_validation.json"
@@ -40,9 +41,8 @@ class DomainRun:
 
     def __init__(self, task: DomainTask, problem: BilevelProblem, run_dir: Path) -> None:
         w0, _ = problem.initial_params()
-        if not any(p.requires_grad for p in w0.values()) or not problem.meta_parameters():
-            raise ConfigError("a domain-generalisation run trains the model itself: use init=learned (the "
-                              "algorithms erm, mldg, maml_domains and fish set it)")  # fmt: skip
+        phi = {id(p) for p in problem.meta_parameters()}
+        self.learned_init = any(id(p) in phi for p in w0.values())
         if task.train.mode == "fish":  # one inner step per source domain, on its batch
             problem.inner_steps, problem.inner_batch_size = len(task.split.sources), task.train.batch_size
         self.task, self.problem, self.path = task, problem, run_dir / HISTORY
@@ -53,11 +53,31 @@ class DomainRun:
         if resumed_from is not None and self.path.is_file():
             self.history = [h for h in json.loads(self.path.read_text()) if h["step"] <= resumed_from]
 
+    def model(self) -> dict[str, Tensor]:
+        """The model to score: a learned initialisation as it is; otherwise (a learned loss, ...) the
+        problem's initialisation trained for `task.eval_steps` minibatch steps of the inner loop on the
+        source domains' training parts (batches of `task.train.batch_size`, reshuffled per epoch)."""
+        w0, frozen = self.problem.initial_params()
+        if self.learned_init:
+            return {**frozen, **w0}
+        train = self.task.split.train
+        x, y = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
+        sources = Episode(x, y, x[:1], y[:1])  # the query is not read
+        like = next(iter(w0.values()))
+        sources = sources.to(like.device, like.dtype)
+        saved = (self.problem.inner_batch_size, self.problem.shuffle_seed)
+        self.problem.inner_batch_size, self.problem.shuffle_seed = self.task.train.batch_size, self.task.train.seed
+        try:
+            with torch.enable_grad():
+                params, _ = self.problem.adapt_to(sources, steps=self.task.eval_steps, second_order=False)
+        finally:
+            self.problem.inner_batch_size, self.problem.shuffle_seed = saved
+        return {n: p.detach() for n, p in params.items()}
+
     def scores(self) -> dict[str, float]:
         """Accuracy on each source domain's validation part, their mean, the test domain (whole) and the
         oracle's two parts of it."""
-        w0, frozen = self.problem.initial_params()
-        params = {**frozen, **w0}
+        params = self.model()
         split, out = self.task.split, {}
         for name, (x, y) in zip(split.source_names, split.val):
             out[f"val_accuracy/{name}"] = accuracy(self.problem, params, x, y)

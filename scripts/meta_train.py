@@ -219,6 +219,11 @@ def train_domains(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunD
     final = run.final()
     logger.log(settings.train.meta_steps, {k: v for k, v in final.items() if isinstance(v, float)}, prefix="final/")
     logger.close()
+    saved = []
+    with output_errors(run_dir):
+        for name, module in built.problem.meta_modules().items():
+            if type(module) in FAMILIES.values():  # a learned loss: for scripts/train.py
+                saved.append(save_meta_object(module, run_dir / f"{name}.safetensors").name)
     metrics: dict[str, object] = {
         "task": choices.get("task"),
         "algorithm": choices.get("algorithm"),
@@ -229,6 +234,7 @@ def train_domains(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunD
         "resumed_from_step": directory.resumed_from,
         "train_seconds": round(train_seconds, 2),
         "step_seconds": round(trainer.run.step_seconds, 2),
+        "saved_meta_objects": saved,
         **final,
         "total_seconds": round(time.time() - started, 2),
     }

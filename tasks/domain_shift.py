@@ -236,23 +236,28 @@ class TestTimeEpisodes:
 @dataclass
 class DomainTask:
     """A domain-generalisation run of the episodic regime (scripts/domain_task.py): the meta-parameters
-    (a learned initialisation: the model itself) are trained on `train` episodes of the source
-    domains and evaluated, without adaptation, on every source domain's validation part and on the
-    held-out test domain."""
+    are trained on `train` episodes of the source domains and the model is scored on every source
+    domain's validation part and on the held-out test domain: a learned initialisation (the model
+    itself) as it is, anything else (e.g. a learned loss) after `eval_steps` minibatch steps of the
+    inner loop on the source domains' training parts from the problem's initialisation."""
 
     domains = True  # marks the task for meta_train.py
     split: DomainSplit
     train: DomainEpisodes
     loss: str = "cross_entropy"
     metric: str | None = "accuracy"
+    eval_steps: int = 300  # a learned loss (not a learned initialisation): training steps before scoring
 
 
 def domain_task(data: DomainData, test_domain: str | int, episodes: str = "erm", batch_size: int = 64,
                 meta_test_domains: int = 1, holdout_fraction: float = 0.2, seed: int = 0, flatten: bool = True,
-                n_way: int | None = None) -> DomainTask:  # fmt: skip
+                eval_steps: int = 300, n_way: int | None = None) -> DomainTask:  # fmt: skip
     """`data` with `test_domain` left out and training episodes of kind `episodes` (see DomainEpisodes);
     flatten: the inputs as flat vectors (for an MLP). n_way: read by configs (the model's width)."""
     if flatten:
         data = DomainData(data.name, data.domains, [x.flatten(1) for x in data.x], data.y, data.n_classes)
     split = leave_one_domain_out(data, test_domain, holdout_fraction, seed)
-    return DomainTask(split, DomainEpisodes(split, batch_size, episodes, meta_test_domains, seed))
+    if eval_steps < 1:
+        raise ConfigError(f"task.eval_steps must be >= 1, got {eval_steps}")
+    return DomainTask(split, DomainEpisodes(split, batch_size, episodes, meta_test_domains, seed),
+                      eval_steps=eval_steps)  # fmt: skip

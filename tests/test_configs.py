@@ -335,7 +335,7 @@ def test_algorithm_overlays_leave_the_task_alone():
 
 
 DOMAIN_TASKS = ("rotated_fashion_mnist", "rotated_digits", "mnist1d_domains")
-DOMAIN_ALGORITHMS = ("erm", "mldg", "maml_domains", "fish")
+DOMAIN_ALGORITHMS = ("erm", "mldg", "maml_domains", "fish", "learned_loss_domains")
 NOISY_BASELINES = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1"}
 NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online", "storm", "mlc", "emlc"}
 SEMISUP_ALGORITHMS = {"mpl", "mpl_exact", "pseudo_label"}

@@ -128,8 +128,9 @@ NOISY_LABEL_ALGORITHMS = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce"
                           "ml3_online", "mlc", "emlc", "mpl", "mpl_exact", "pseudo_label"}  # fmt: skip
 # the domain-generalisation algorithms and Fish's estimator train one model on source-domain episodes
 # and are scored on whole domains: their end-to-end runs (above chance after 120 steps on rotated
-# digits, with training-domain model selection) are in tests/scripts/test_domain_runs.py
-DOMAIN_ALGORITHMS = {"erm", "mldg", "maml_domains", "fish", "reptile"}
+# digits, with training-domain model selection; the learned loss without a threshold) are in
+# tests/scripts/test_domain_runs.py
+DOMAIN_ALGORITHMS = {"erm", "mldg", "maml_domains", "fish", "reptile", "learned_loss_domains"}
 
 
 def test_every_algorithm_and_estimator_config_has_a_case() -> None:
