@@ -20,6 +20,11 @@ real_step="after_update" (MW-Net's order): the look-ahead is virtual; the K real
 s_t) are taken, with phi as the outer optimizer left it after this truncation, at the start of the
 next truncation (and by `finish` after the last). real_step="lookahead": the look-ahead's steps are
 the real ones (phi one update behind; one pass fewer per step).
+
+`lookahead` takes a look-ahead's K steps without a graph and records them (`Lookahead`), for the
+estimators that differentiate each step on its own (the label-correction papers' identity-Hessian
+approximation, MPL's feedback); `meta_loss` adds the inner loss's own `outer_terms` (a teacher's
+supervised losses) to the meta batch's loss.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from metaloss.problem import BilevelProblem, WithParameters
 from metaloss.types import Episode, LossContext, Params
 
 REAL_STEPS = ("after_update", "lookahead")
+META_SOURCES = ("meta", "train")
 
 
 @dataclass
@@ -51,7 +57,6 @@ class Lookahead:
     final: Params
     problem: BilevelProblem
     meta: Episode
-META_SOURCES = ("meta", "train")
 
 
 def meta_rows(seed: int, t: int, n: int, size: int | None, stream: int = 7) -> Tensor:
