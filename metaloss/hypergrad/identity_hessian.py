@@ -76,7 +76,7 @@ class IdentityHessian(TruncatedBackprop):
         w, s = look.points[k]
         w = {n: p.detach() for n, p in w.items()}
         with torch.enable_grad():
-            w_in = {n: p.requires_grad_() for n, p in {n: p.clone() for n, p in w.items()}.items()}
+            w_in = {n: p.clone().requires_grad_() for n, p in w.items()}
             grad_w = torch.autograd.grad(loss_of(w_in), list(w_in.values()))
             grads = {n: q.detach().requires_grad_() for n, q in zip(w, grad_w)}
             stepped, _ = optimizer.update(grads, optimizer.init(w) if s is None else s, w)

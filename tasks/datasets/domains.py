@@ -117,7 +117,10 @@ def folder_domains(root: str | Path, image_size: int = 64, domains: Sequence[str
                    name: str | None = None, root_key: str = "task.data.root") -> DomainData:  # fmt: skip
     """The images of `root/<domain>/<class>/*` ([N_d, 3, image_size, image_size] in [0, 1]); `domains`:
     which domain folders (default: all, sorted)."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataNotFoundError("the folder-per-domain reader decodes images with Pillow: pip install pillow") from None
 
     root = Path(root).expanduser()
     if not root.is_dir():
