@@ -51,6 +51,8 @@ class Conv4(nn.Module):
     a stride-2 convolution (`pool="stride"`, MAML's Omniglot variant) or a 2x2
     max-pool (`pool="max"`, its mini-ImageNet variant). Head: linear on the flattened features,
     or on their spatial mean (`global_pool=True`, as MAML's Omniglot model: 64 features).
+    `norm="group"`: GroupNorm with 8 groups instead of BatchNorm (per sample, so no statistics of a
+    batch reach a prediction; DomainBed's MNIST CNN, Gulrajani & Lopez-Paz 2021).
     """
 
     def __init__(
@@ -61,10 +63,13 @@ class Conv4(nn.Module):
         image_size: int = 28,
         pool: str = "stride",
         global_pool: bool = False,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if pool not in ("stride", "max"):
             raise ConfigError(f"Conv4 pool must be 'stride' or 'max', got {pool!r}")
+        if norm not in ("batch", "group") or (norm == "group" and filters % 8):
+            raise ConfigError(f"Conv4 norm must be 'batch' or 'group' (filters divisible by 8), got {norm!r}")
         if n_classes < 1 or filters < 1 or in_channels < 1:
             raise ConfigError("Conv4 n_classes, filters and in_channels must be positive")
         blocks: list[nn.Module] = []
@@ -74,7 +79,7 @@ class Conv4(nn.Module):
                 blocks += [nn.Conv2d(channels, filters, 3, stride=2, padding=1)]
             else:
                 blocks += [nn.Conv2d(channels, filters, 3, padding=1)]
-            blocks += [nn.BatchNorm2d(filters), nn.ReLU()]
+            blocks += [nn.BatchNorm2d(filters) if norm == "batch" else nn.GroupNorm(8, filters), nn.ReLU()]
             if pool == "max":
                 blocks += [nn.MaxPool2d(2)]
             channels = filters

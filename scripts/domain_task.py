@@ -56,7 +56,8 @@ class DomainRun:
     def model(self) -> dict[str, Tensor]:
         """The model to score: a learned initialisation as it is; otherwise (a learned loss, ...) the
         problem's initialisation trained for `task.eval_steps` minibatch steps of the inner loop on the
-        source domains' training parts (batches of `task.train.batch_size`, reshuffled per epoch)."""
+        source domains' training parts pooled (batches of `task.batch_size` rows per source domain, as
+        many rows as an ERM step reads; reshuffled per epoch)."""
         w0, frozen = self.problem.initial_params()
         if self.learned_init:
             return {**frozen, **w0}
@@ -66,7 +67,8 @@ class DomainRun:
         like = next(iter(w0.values()))
         sources = sources.to(like.device, like.dtype)
         saved = (self.problem.inner_batch_size, self.problem.shuffle_seed)
-        self.problem.inner_batch_size, self.problem.shuffle_seed = self.task.train.batch_size, self.task.train.seed
+        rows = self.task.train.batch_size * len(train)
+        self.problem.inner_batch_size, self.problem.shuffle_seed = rows, self.task.train.seed
         try:
             with torch.enable_grad():
                 params, _ = self.problem.adapt_to(sources, steps=self.task.eval_steps, second_order=False)

@@ -253,9 +253,12 @@ def domain_task(data: DomainData, test_domain: str | int, episodes: str = "erm",
                 meta_test_domains: int = 1, holdout_fraction: float = 0.2, seed: int = 0, flatten: bool = True,
                 eval_steps: int = 300, n_way: int | None = None) -> DomainTask:  # fmt: skip
     """`data` with `test_domain` left out and training episodes of kind `episodes` (see DomainEpisodes);
-    flatten: the inputs as flat vectors (for an MLP). n_way: read by configs (the model's width)."""
+    flatten: the inputs as flat vectors (for an MLP); else grey images [n, h, w] get their one channel
+    ([n, 1, h, w], for a CNN). n_way: read by configs (the model's width)."""
     if flatten:
         data = DomainData(data.name, data.domains, [x.flatten(1) for x in data.x], data.y, data.n_classes)
+    elif data.x[0].dim() == 3:
+        data = DomainData(data.name, data.domains, [x.unsqueeze(1) for x in data.x], data.y, data.n_classes)
     split = leave_one_domain_out(data, test_domain, holdout_fraction, seed)
     if eval_steps < 1:
         raise ConfigError(f"task.eval_steps must be >= 1, got {eval_steps}")

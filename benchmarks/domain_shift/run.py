@@ -2,10 +2,11 @@
 run a `scripts/meta_train.py task=<task> algorithm=<method> task.test_domain=<domain>` job (what a user
 runs). Reported per held-out domain: the test accuracy selected by training-domain validation (mean and
 standard error over seeds), their average over domains, the test-domain oracle's average apart, and the
-wall time per run. Results: benchmarks/results/domain_shift_<task>.{json,md}.
+wall time per run. Results: benchmarks/results/domain_shift_<task>[_cnn].{json,md}.
 
     python benchmarks/domain_shift/run.py --task rotated_fashion_mnist --jobs 2
     python benchmarks/domain_shift/run.py --task mnist1d_domains --methods erm mldg fish --seeds 0 1 2
+    python benchmarks/domain_shift/run.py --task rotated_fashion_mnist --model cnn --methods erm mldg --seeds 0
 
 Finished runs (their metrics.json) are reused; run directories are under benchmarks/runs/domain_shift/.
 """
@@ -26,20 +27,30 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = {"rotated_fashion_mnist": ["0", "15", "30", "45", "60", "75"], "rotated_digits": ["0", "15", "30", "45",
            "60", "75"], "mnist1d_domains": ["base", "scaled", "sheared", "shifted", "noisy"]}  # fmt: skip
+STEPS = {"rotated_fashion_mnist": 2000, "rotated_digits": 600, "mnist1d_domains": 2000}  # the tasks' meta_steps
 METHODS = {
     "erm": ["algorithm=erm"],
     "mldg": ["algorithm=mldg"],
     "mldg_first_order": ["algorithm=mldg", "hypergrad=first_order"],
     "maml_domains": ["algorithm=maml_domains"],
     "fish": ["algorithm=fish"],
+    # the learned loss is scored by training a model with it for as many steps as ERM's (each validation
+    # a full training run, so validated every 500 steps); cross_entropy_sgd: the same evaluation with the
+    # loss left at its start, cross-entropy (outer lr 0, one meta-step), the baseline it must beat
+    "learned_loss": ["algorithm=learned_loss_domains", "train.validate_every=500"],
+    "cross_entropy_sgd": ["algorithm=learned_loss_domains", "outer_opt.lr=0", "train.meta_steps=1",
+                          "train.validate_every=1", "task.eval_steps={steps}"],
 }
+MODELS = {"mlp": [], "cnn": ["model=cnn_28x28", "task.flatten=false"]}  # cnn: the image tasks only
 
 
-def run_one(task: str, domain: str, method: str, seed: int, extra: list[str]) -> dict:
-    out = ROOT / "benchmarks" / "runs" / "domain_shift" / task / f"{domain}_{method}_seed{seed}"
+def run_one(task: str, model: str, domain: str, method: str, seed: int, extra: list[str]) -> dict:
+    name = task if model == "mlp" else f"{task}_{model}"
+    out = ROOT / "benchmarks" / "runs" / "domain_shift" / name / f"{domain}_{method}_seed{seed}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    cmd = [sys.executable, "scripts/meta_train.py", f"task={task}", *METHODS[method], f"task.test_domain={domain}",
+    overrides = [o.format(steps=STEPS[task]) for o in METHODS[method]] + MODELS[model]
+    cmd = [sys.executable, "scripts/meta_train.py", f"task={task}", *overrides, f"task.test_domain={domain}",
            f"seed={seed}", "threads=1", "progress=false", "logger=none", "overwrite=true", f"hydra.run.dir={out}",
            *extra]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -82,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="rotated_fashion_mnist", choices=list(DOMAINS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--model", default="mlp", choices=list(MODELS), help="cnn: model=cnn_28x28 (image tasks)")
     parser.add_argument("--domains", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
@@ -91,16 +103,17 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     keys = [(d, m, s) for s in args.seeds for d in domains for m in args.methods]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(keys, pool.map(lambda k: run_one(args.task, *k, args.extra), keys)))
+        results = dict(zip(keys, pool.map(lambda k: run_one(args.task, args.model, *k, args.extra), keys)))
     rows, md = table(results, domains, args.methods, args.seeds)
     command = "python benchmarks/domain_shift/run.py " + " ".join(sys.argv[1:])
-    record = {"benchmark": f"domain_shift_{args.task}", "command": command.strip(),
+    name = f"domain_shift_{args.task}" + ("" if args.model == "mlp" else f"_{args.model}")
+    record = {"benchmark": name, "model": args.model, "command": command.strip(),
               "date": started.isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, torch "
                          f"{__import__('torch').__version__}, {args.jobs} runs at a time, one thread each",
               "seeds": args.seeds, "table": rows, "failed": [list(k) for k, v in results.items() if "failed" in v],
               "runs": {"/".join(map(str, k)): v for k, v in results.items()}}  # fmt: skip
-    out = ROOT / "benchmarks" / "results" / f"domain_shift_{args.task}"
+    out = ROOT / "benchmarks" / "results" / name
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     out.with_suffix(".md").write_text(f"{command.strip()} ({record['date']}, {record['machine']}); test accuracy in "
                                       f"% selected by training-domain validation, mean ± standard error over seeds "

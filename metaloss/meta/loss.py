@@ -28,21 +28,34 @@ class ML3Loss(nn.Module):
 
         l(logits, y) = sum_k softplus(g_phi(p_k, y_k)),   p = softmax(logits)
 
+    `residual=True`: cross-entropy plus the learned term, the network's last layer started at zero
+    so that the loss starts as cross-entropy and the meta-gradient learns a correction to it
+    (g is bounded, since its inputs are, so the sum stays a loss that a long training run can use):
+
+        l(logits, y) = CE(logits, y) + sum_k g_phi(p_k, y_k)
+
     logits [n, K], target [n] class indices."""
 
-    def __init__(self, hidden: Sequence[int] = (50, 50)) -> None:
+    def __init__(self, hidden: Sequence[int] = (50, 50), residual: bool = False) -> None:
         super().__init__()
-        self.hidden = [int(h) for h in hidden]
+        self.hidden, self.residual = [int(h) for h in hidden], bool(residual)
         self.net = MLP(2, hidden, 1)
+        if self.residual:
+            nn.init.zeros_(self.net.head.weight)
+            nn.init.zeros_(self.net.head.bias)
 
     def config(self) -> dict:
         """The constructor arguments that rebuild this module (`metaloss.io`)."""
-        return {"hidden": self.hidden}
+        return {"hidden": self.hidden, "residual": self.residual}
 
     def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         _class_indices(target, type(self).__name__)
         features = torch.stack([logits.softmax(-1), F.one_hot(target, logits.shape[-1]).to(logits.dtype)], -1)
-        per_sample = F.softplus(self.net(features)).squeeze(-1).sum(-1)  # [n, K, 2] -> [n, K] -> [n]
+        g = self.net(features).squeeze(-1)  # [n, K, 2] -> [n, K]
+        if self.residual:
+            per_sample = F.cross_entropy(logits, target, reduction="none") + g.sum(-1)
+        else:
+            per_sample = F.softplus(g).sum(-1)  # [n]
         return reduce(per_sample, reduction)
 
 

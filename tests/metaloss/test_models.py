@@ -32,6 +32,14 @@ def test_maml_miniimagenet_conv4_flattens_5x5x32() -> None:
     assert model.head.in_features == 32 * 5 * 5
 
 
+def test_group_norm_conv4_predicts_each_sample_alone() -> None:
+    torch.manual_seed(0)
+    model = Conv4(10, in_channels=1, filters=16, image_size=28, pool="stride", global_pool=True, norm="group")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.rand(5, 1, 28, 28)
+    torch.testing.assert_close(model(x)[:2], model(x[:2]))  # no statistics of the batch reach a prediction
+
+
 def test_resnet32_for_cifar_shape_and_size() -> None:
     model = CifarResNet(n_classes=10)
     assert n_params(model) == 464_154  # He et al. 2016's ResNet-32: 0.46M
@@ -48,7 +56,8 @@ def test_resnet12_shape_and_size() -> None:
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: MLP(0), lambda: Conv4(pool="avg"), lambda: Conv4(image_size=0), lambda: ResNet12(widths=(1, 2))],
+    [lambda: MLP(0), lambda: Conv4(pool="avg"), lambda: Conv4(image_size=0),
+     lambda: Conv4(norm="layer"), lambda: Conv4(filters=12, norm="group"), lambda: ResNet12(widths=(1, 2))],
 )
 def test_invalid_shapes_are_rejected(make) -> None:
     with pytest.raises(ConfigError):

@@ -2,8 +2,8 @@
 hundred steps): ERM, MLDG (second and first order), MAML over domains and Fish train the model on the
 source domains and report, in metrics.json, the held-out domain's accuracy selected by training-domain
 validation, each source domain's validation accuracy and the test-domain oracle apart; a killed run
-resumes to the uninterrupted result; rotated Fashion-MNIST (official idx fixture) and the MNIST-1D
-domains compose and run."""
+resumes to the uninterrupted result; rotated Fashion-MNIST (official idx fixture; MLP and CNN) and the
+MNIST-1D domains compose and run."""
 
 from __future__ import annotations
 
@@ -45,11 +45,9 @@ def test_every_method_reports_the_held_out_domain_selected_by_training_domain_va
     assert metrics["selected_step"] == chosen["step"] and metrics["test_accuracy"] == chosen["test_accuracy"]
     assert metrics["oracle_test_accuracy"] == max(history, key=lambda h: h["oracle_select_accuracy"])[
         "oracle_eval_accuracy"]  # fmt: skip
-    if name == "learned_loss":  # an ML3 loss from its random start need not train a model in 120 meta-steps
-        assert metrics["saved_meta_objects"] == ["inner_loss.safetensors"]
-    else:
-        assert metrics["val_accuracy"] > 0.3 and metrics["test_accuracy"] > 0.2  # above chance (0.1), 120 steps
-        assert metrics["saved_meta_objects"] == []
+    # above chance (0.1) after 120 steps; the learned loss (residual ML3) trains a model for 50 steps
+    assert metrics["val_accuracy"] > 0.3 and metrics["test_accuracy"] > 0.2
+    assert metrics["saved_meta_objects"] == (["inner_loss.safetensors"] if name == "learned_loss" else [])
     assert metrics["episodes"] == {"erm": "erm", "fish": "fish"}.get(name, "mldg")
 
 
@@ -80,11 +78,12 @@ def test_a_killed_domain_run_resumes_to_the_same_result(tmp_path):
 def test_rotated_fashion_mnist_and_mnist1d_domains_run(tmp_path, make_fashion_mnist_split):
     make_fashion_mnist_split(tmp_path, "train", 240, gz=True, seed=1)
     make_fashion_mnist_split(tmp_path, "t10k", 60, gz=True, seed=2)
-    for plan in (["task=rotated_fashion_mnist", f"task.data.root={tmp_path}", "task.batch_size=8"],
+    fashion = ["task=rotated_fashion_mnist", f"task.data.root={tmp_path}", "task.batch_size=8"]
+    for plan in (fashion, fashion + ["model=cnn_28x28", "task.flatten=false"],
                  ["task=mnist1d_domains", "task.data.samples=60", "task.batch_size=8"]):  # fmt: skip
         short = ["algorithm=mldg", "train.meta_steps=4", "train.validate_every=2", "logger=none", "progress=false",
                  "threads=1"]  # fmt: skip
-        run = run_script(tmp_path / plan[0].removeprefix("task="), plan + short)
+        run = run_script(tmp_path / "_".join(o.split("=")[-1] for o in plan[::3]), plan + short)
         assert run.returncode == 0, run.explain()
         metrics = run.metrics()
         assert metrics["validations"] == 2 and metrics["test_domain"] in ("75", "noisy")

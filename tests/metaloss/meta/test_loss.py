@@ -144,6 +144,20 @@ def test_learned_losses_are_non_negative_and_per_sample():
     assert z.grad[0, 1] < 0 < z.grad[0, 0]
 
 
+def test_residual_ml3_starts_as_cross_entropy_and_learns_a_correction():
+    logits, target = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    loss = ML3Loss(hidden=(8,), residual=True).double()
+    torch.testing.assert_close(loss(logits, target, reduction="none"),
+                               torch.nn.functional.cross_entropy(logits, target, reduction="none"))  # fmt: skip
+    loss(logits, target).backward()
+    assert loss.net.head.weight.grad.abs().sum() > 0  # the meta-gradient reaches the zero-started layer
+    with torch.no_grad():
+        loss.net.head.bias.fill_(0.25)
+    torch.testing.assert_close(loss(logits, target) - torch.nn.functional.cross_entropy(logits, target),
+                               torch.tensor(4 * 0.25, dtype=torch.float64))  # fmt: skip
+    assert ML3Loss(residual=True).config() == {"hidden": [50, 50], "residual": True}
+
+
 @pytest.mark.parametrize("kind", ["es", "pes", "es_single"])
 def test_es_family_is_unbiased_for_the_unrolled_hypergradient_of_a_learned_loss(kind):
     """TaylorGLO's 8 meta-parameters, T = 3: the mean of 200 estimates lies within 4 standard errors
