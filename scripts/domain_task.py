@@ -7,21 +7,27 @@ part and on the held-out test domain. Model selection as DomainBed defines it: t
 mean accuracy on the source validation parts (training-domain validation) gives the reported test
 accuracy; the test-domain oracle (the step with the best accuracy on a held-out fifth of the test
 domain, scored on the rest) is reported apart, labelled as such. The history of these evaluations is
-kept in `domain_validation.json` beside the checkpoint, so a resumed run selects among all of them."""
+kept in `domain_validation.json` beside the checkpoint, so a resumed run selects among all of them.
+With `task.adaptation.episodes` > 0 the final model is also adapted to the test domain, on few-shot
+episodes (labelled rows) and test-time episodes (an unlabelled batch, entropy minimisation), and
+scored before and after."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from metaloss.errors import ConfigError
 from metaloss.functional import forward
+from metaloss.losses import cross_entropy, entropy
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode
-from tasks.domain_shift import DomainTask
+from tasks.domain_shift import DomainTask, TargetAdaptation
 
 HISTORY = "domain_validation.json"
 
@@ -36,6 +42,29 @@ def accuracy(problem: BilevelProblem, params: dict[str, Tensor], x: Tensor, y: T
     return right / max(len(y), 1)
 
 
+def fine_tune(model: torch.nn.Module, params: dict[str, Tensor], names: list[str], x: Tensor, y: Tensor,
+              loss: Callable[[Tensor, Tensor], Tensor], steps: int, lr: float) -> dict[str, Tensor]:  # fmt: skip
+    """`steps` plain SGD steps of size `lr` on loss(model(x), y), on the parameters called `names` only:
+    w <- w - lr grad_w loss. Returns new (detached) parameters; `params` is untouched."""
+    params = {n: p.detach() for n, p in params.items()}
+    for _ in range(steps):
+        with torch.enable_grad():
+            trainable = {n: params[n].clone().requires_grad_() for n in names}
+            value = loss(forward(model, {**params, **trainable}, x), y)
+            grads = torch.autograd.grad(value, list(trainable.values()))
+        params.update({n: (w - lr * g).detach() for (n, w), g in zip(trainable.items(), grads)})
+    return params
+
+
+NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def norm_parameter_names(model: torch.nn.Module) -> list[str]:
+    """The affine parameters of the normalisation layers of `model` (what Tent adapts)."""
+    return [f"{m}.{n}" if m else n for m, module in model.named_modules() if isinstance(module, NORMS)
+            for n, _ in module.named_parameters(recurse=False)]  # fmt: skip
+
+
 class DomainRun:
     """The evaluations and the model selection of one run."""
 
@@ -45,6 +74,10 @@ class DomainRun:
         self.learned_init = any(id(p) in phi for p in w0.values())
         if task.train.mode == "fish":  # one inner step per source domain, on its batch
             problem.inner_steps, problem.inner_batch_size = len(task.split.sources), task.train.batch_size
+        tent = task.adaptation is not None and task.adaptation.test_time_parameters == "norm"
+        if tent and not norm_parameter_names(problem.model):
+            raise ConfigError(f"task.adaptation.test_time_parameters=norm but the model "
+                              f"({type(problem.model).__name__}) has no normalisation layers; use all")  # fmt: skip
         self.task, self.problem, self.path = task, problem, run_dir / HISTORY
         self.history: list[dict[str, Any]] = []
 
@@ -76,10 +109,10 @@ class DomainRun:
             self.problem.inner_batch_size, self.problem.shuffle_seed = saved
         return {n: p.detach() for n, p in params.items()}
 
-    def scores(self) -> dict[str, float]:
+    def scores(self, params: dict[str, Tensor] | None = None) -> dict[str, float]:
         """Accuracy on each source domain's validation part, their mean, the test domain (whole) and the
-        oracle's two parts of it."""
-        params = self.model()
+        oracle's two parts of it (of `model()` unless `params` are given)."""
+        params = self.model() if params is None else params
         split, out = self.task.split, {}
         for name, (x, y) in zip(split.source_names, split.val):
             out[f"val_accuracy/{name}"] = accuracy(self.problem, params, x, y)
@@ -98,9 +131,36 @@ class DomainRun:
         tmp.replace(self.path)
         return scores
 
+    def adaptation(self, params: dict[str, Tensor]) -> dict[str, float]:
+        """Mean query accuracy over the adaptation episodes, before and after: few-shot (cross-entropy on
+        the labelled support rows, every parameter) and test-time (entropy on the unlabelled batch, the
+        parameters `test_time_parameters` names)."""
+        spec: TargetAdaptation | None = self.task.adaptation
+        if spec is None:
+            return {}
+        model = self.problem.model
+        every = [n for n, _ in model.named_parameters() if n in params]
+        norms = [n for n in norm_parameter_names(model) if n in params]
+        test_time_names = every if spec.test_time_parameters == "all" else norms
+        like = next(iter(params.values()))
+        out = {}
+        for kind, sampler, loss, names in (("few_shot", spec.few_shot, cross_entropy, every),
+                                           ("test_time", spec.test_time, entropy, test_time_names)):  # fmt: skip
+            before, after = [], []
+            for index in range(spec.episodes):
+                e = sampler.episode(index).to(like.device, like.dtype)
+                before.append(accuracy(self.problem, params, e.query_x, e.query_y))
+                adapted = fine_tune(model, params, names, e.support_x, e.support_y, loss, spec.steps, spec.lr)
+                after.append(accuracy(self.problem, adapted, e.query_x, e.query_y))
+            out[f"{kind}_accuracy_before"] = sum(before) / len(before)
+            out[f"{kind}_accuracy"] = sum(after) / len(after)
+        return out
+
     def final(self) -> dict[str, Any]:
-        """The final model's scores, the selected ones (training-domain validation) and the oracle's."""
-        last = self.scores()
+        """The final model's scores, the selected ones (training-domain validation) and the oracle's, and
+        the final model's adaptation to the test domain (if asked for)."""
+        params = self.model()
+        last = self.scores(params)
         history = self.history or [{"step": None, **last}]
         chosen = max(history, key=lambda h: h["val_accuracy"])
         oracle = max(history, key=lambda h: h["oracle_select_accuracy"])
@@ -111,4 +171,4 @@ class DomainRun:
                 "val_accuracy": chosen["val_accuracy"], "test_accuracy": chosen["test_accuracy"],
                 "oracle_step": oracle["step"], "oracle_test_accuracy": oracle["oracle_eval_accuracy"],
                 **{k: v for k, v in chosen.items() if k.startswith("val_accuracy/")},
-                "validations": len(self.history)}  # fmt: skip
+                "validations": len(self.history), **self.adaptation(params)}  # fmt: skip

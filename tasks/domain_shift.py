@@ -12,14 +12,16 @@ test on a domain never seen). Readers stay in `tasks/datasets/`; this module hol
   MAML over domains, Fish);
 - `TargetFewShotEpisodes` and `TestTimeEpisodes`: evaluation episodes on the held-out domain, few-shot
   adaptation (k labelled rows per class of its oracle part, queries from the rest) and test-time
-  adaptation (an unlabelled batch, then its labels for scoring).
+  adaptation (an unlabelled batch, then its labels for scoring); `TargetAdaptation` says how the
+  trained model adapts on them (scripts/domain_task.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -191,9 +193,12 @@ class DomainEpisodes:
 class TargetFewShotEpisodes:
     """Few-shot adaptation to the held-out domain: `k_shot` labelled rows of each of `n_way` classes
     drawn from the test domain's select part (the support set) and `q_query` rows of the same classes
-    from its eval part (the query set), disjoint by construction; a pure function of (seed, index)."""
+    from its eval part (the query set), disjoint by construction; a pure function of (seed, index).
+    Labels 0..n_way-1 in the order drawn (`relabel`, for a fresh head), or the classes' own indices
+    (for the model trained on the source domains, whose head already knows them)."""
 
-    def __init__(self, split: DomainSplit, n_way: int, k_shot: int = 1, q_query: int = 5, seed: int = 0) -> None:
+    def __init__(self, split: DomainSplit, n_way: int, k_shot: int = 1, q_query: int = 5, seed: int = 0,
+                 relabel: bool = True) -> None:  # fmt: skip
         (_, ys), (_, ye) = split.test_select, split.test_eval
         classes = sorted(set(ys.tolist()) & set(ye.tolist()))
         usable = [c for c in classes if int((ys == c).sum()) >= k_shot and int((ye == c).sum()) >= q_query]
@@ -203,6 +208,7 @@ class TargetFewShotEpisodes:
                               f"{k_shot}, {q_query} and {len(usable)} such classes")  # fmt: skip
         self.split, self.classes, self.n_way, self.k_shot, self.q_query, self.seed = (
             split, usable, n_way, k_shot, q_query, seed)  # fmt: skip
+        self.relabel = relabel
 
     def episode(self, index: int) -> Episode:
         g = episode_generator(self.seed, index, _TARGET_STREAM)
@@ -211,7 +217,7 @@ class TargetFewShotEpisodes:
         for (x, y), count in ((self.split.test_select, self.k_shot), (self.split.test_eval, self.q_query)):
             rows = [torch.nonzero(y == c).squeeze(1) for c in chosen]
             picked = [r[torch.randperm(len(r), generator=g)[:count]] for r in rows]
-            labels = torch.cat([torch.full((count,), i) for i in range(self.n_way)])
+            labels = torch.cat([torch.full((count,), i if self.relabel else c) for i, c in enumerate(chosen)])
             parts.append((x[torch.cat(picked)], labels))
         return Episode(*parts[0], *parts[1], {"classes": chosen})
 
@@ -233,6 +239,42 @@ class TestTimeEpisodes:
         return Episode(x[rows], torch.full_like(y[rows], UNLABELLED), x[rows], y[rows])
 
 
+ADAPTED_PARAMETERS = ("all", "norm")
+
+
+@dataclass
+class TargetAdaptation:
+    """How the trained model adapts to the held-out domain, scored on `episodes` episodes of each kind
+    (scripts/domain_task.py): few-shot (`steps` SGD steps of size `lr` on the cross-entropy of k labelled
+    rows per class, then the query rows) and test-time (the same steps on the prediction entropy of an
+    unlabelled batch, Tent, Wang et al. 2021, then that batch's labels), adapting every parameter or
+    only the normalisation layers' (`test_time_parameters="norm"`, as Tent)."""
+
+    few_shot: TargetFewShotEpisodes
+    test_time: TestTimeEpisodes
+    episodes: int = 10
+    steps: int = 10
+    lr: float = 0.01
+    test_time_parameters: str = "all"
+
+
+def target_adaptation(split: DomainSplit, episodes: int = 0, k_shot: int = 5, q_query: int = 15,
+                      test_time_batch: int = 64, steps: int = 10, lr: float = 0.01,
+                      test_time_parameters: str = "all", seed: int = 0) -> TargetAdaptation | None:  # fmt: skip
+    """The adaptation episodes on `split`'s test domain (every class in few-shot episodes), or None for
+    `episodes=0`."""
+    if episodes < 0 or steps < 0 or lr < 0:
+        raise ConfigError(f"task.adaptation needs episodes, steps and lr >= 0, got {episodes}, {steps}, {lr}")
+    if test_time_parameters not in ADAPTED_PARAMETERS:
+        raise ConfigError(f"task.adaptation.test_time_parameters must be one of {ADAPTED_PARAMETERS}, got "
+                          f"{test_time_parameters!r}")  # fmt: skip
+    if episodes == 0:
+        return None
+    few_shot = TargetFewShotEpisodes(split, split.data.n_classes, k_shot, q_query, seed, relabel=False)
+    return TargetAdaptation(few_shot, TestTimeEpisodes(split, test_time_batch, seed), episodes, steps, lr,
+                            test_time_parameters)  # fmt: skip
+
+
 @dataclass
 class DomainTask:
     """A domain-generalisation run of the episodic regime (scripts/domain_task.py): the meta-parameters
@@ -247,14 +289,18 @@ class DomainTask:
     loss: str = "cross_entropy"
     metric: str | None = "accuracy"
     eval_steps: int = 300  # a learned loss (not a learned initialisation): training steps before scoring
+    adaptation: TargetAdaptation | None = None  # adaptation to the test domain, scored after training
 
 
 def domain_task(data: DomainData, test_domain: str | int, episodes: str = "erm", batch_size: int = 64,
                 meta_test_domains: int = 1, holdout_fraction: float = 0.2, seed: int = 0, flatten: bool = True,
-                eval_steps: int = 300, n_way: int | None = None) -> DomainTask:  # fmt: skip
+                eval_steps: int = 300, n_way: int | None = None,
+                adaptation: Mapping[str, Any] | None = None) -> DomainTask:  # fmt: skip
     """`data` with `test_domain` left out and training episodes of kind `episodes` (see DomainEpisodes);
-    flatten: the inputs as flat vectors (for an MLP); else grey images [n, h, w] get their one channel
-    ([n, 1, h, w], for a CNN). n_way: read by configs (the model's width)."""
+    adaptation: the arguments of `target_adaptation` (few-shot and test-time episodes on the test
+    domain, scored after training; none by default). flatten: the inputs as flat vectors (for an MLP);
+    else grey images [n, h, w] get their one channel ([n, 1, h, w], for a CNN). n_way: the model's
+    width in the configs, checked against the data's classes."""
     if flatten:
         data = DomainData(data.name, data.domains, [x.flatten(1) for x in data.x], data.y, data.n_classes)
     elif data.x[0].dim() == 3:
@@ -262,5 +308,8 @@ def domain_task(data: DomainData, test_domain: str | int, episodes: str = "erm",
     split = leave_one_domain_out(data, test_domain, holdout_fraction, seed)
     if eval_steps < 1:
         raise ConfigError(f"task.eval_steps must be >= 1, got {eval_steps}")
+    if n_way is not None and n_way != data.n_classes:
+        raise ConfigError(f"{data.name} has {data.n_classes} classes but task.n_way (the model's width) is {n_way}")
+    adapt = target_adaptation(split, **{"seed": seed, **(adaptation or {})})
     return DomainTask(split, DomainEpisodes(split, batch_size, episodes, meta_test_domains, seed),
-                      eval_steps=eval_steps)  # fmt: skip
+                      eval_steps=eval_steps, adaptation=adapt)  # fmt: skip

@@ -333,3 +333,24 @@ def write_fashion_mnist_split(
 def make_fashion_mnist_split():
     """`write_fashion_mnist_split`, for fixtures of any scope."""
     return write_fashion_mnist_split
+
+
+def write_folder_domains(root: Path, layout: dict[str, dict[str, int]]) -> Path:
+    """The folder-per-domain layout of PACS / VLCS / OfficeHome: root/<domain>/<class>/<i>.jpg|png, with
+    layout[domain][class] images (20x16 RGB, alternately JPEG and PNG; 0 makes an empty class folder)."""
+    from PIL import Image
+
+    for domain, classes in layout.items():
+        for cls, n in classes.items():
+            (root / domain / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                value = 40 * i + 10
+                name = f"{i}.jpg" if i % 2 else f"{i}.png"
+                Image.new("RGB", (20, 16), (value, 0, 255 - value)).save(root / domain / cls / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_folder_domains():
+    """`write_folder_domains`, for fixtures of any scope."""
+    return write_folder_domains

@@ -32,6 +32,8 @@ TASK_OF_MODEL = {  # models sized by task.n_way
     "conv4_cifar": "cifar_fs",
     "resnet32": "cifar_fs",
     "conv4_omniglot": "omniglot",
+    "cnn_28x28": "rotated_fashion_mnist",
+    "mlp_28x28": "rotated_fashion_mnist",
 }
 CIFAR_TASKS = ("cifar_fs", "fc100")
 
@@ -61,6 +63,14 @@ def cifar_root(tmp_path_factory, make_cifar100):
     root = tmp_path_factory.mktemp("cifar100")
     make_cifar100(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def folder_domains_overrides(tmp_path_factory, make_folder_domains) -> list[str]:
+    """Overrides pointing task=folder_domains at a tiny PACS-layout fixture (4 domains, 2 classes)."""
+    layout = {domain: {"dog": 12, "horse": 12} for domain in ("art_painting", "cartoon", "photo", "sketch")}
+    root = make_folder_domains(tmp_path_factory.mktemp("pacs"), layout)
+    return [f"task.data.root={root}", "task.data.image_size=16", "task.n_way=2", "model.filters=8"]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +126,8 @@ def test_every_option_composes(group, option):
         noisy = ["task=rotated_digits"]
     if option in ("mpl", "mpl_exact", "pseudo_label") and group in ("algorithm", "inner_loss"):
         noisy = ["task=semisup_digits"]
+    if group == "model" and option in TASK_OF_MODEL:
+        noisy = [f"task={TASK_OF_MODEL[option]}"]
     cfg = compose_with(f"{group}={option}", *noisy)
     raw = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
     if "_target_" in raw:  # a plain group node: it lands at cfg[group] unchanged
@@ -184,7 +196,7 @@ def test_model_instantiates_and_runs(option):
     overrides = [f"task={TASK_OF_MODEL[option]}", f"model={option}"] if option in TASK_OF_MODEL else [f"model={option}"]
     cfg = compose_with(*overrides)
     model = instantiate(cfg.model)
-    if option in TASK_OF_MODEL:
+    if option in TASK_OF_MODEL and option != "mlp_28x28":
         assert isinstance(model, (Conv4, ResNet12, CifarResNet))
         size = cfg.model.get("image_size", 32 if option == "resnet32" else 84)
         out = model(torch.rand(2, cfg.model.in_channels, size, size))
@@ -231,7 +243,8 @@ def test_logger_instantiates(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "task"])
-def test_task_instantiates(option, mini_root, cifar_root, cifar10_root, omniglot_overrides):
+def test_task_instantiates(option, mini_root, cifar_root, cifar10_root, omniglot_overrides,
+                           folder_domains_overrides):  # fmt: skip
     data = [f"task.root={mini_root}", "task.q_query=2"] if option == "miniimagenet" else []
     if option == "noisy_cifar10":
         data = [f"task.data.root={cifar10_root}", "task.meta_per_class=2", "task.batch_size=20"]
@@ -240,14 +253,18 @@ def test_task_instantiates(option, mini_root, cifar_root, cifar10_root, omniglot
     if option in CIFAR_TASKS:
         data = [f"task.root={cifar_root}", "task.q_query=1"]
     data = omniglot_overrides.get(option, data)
+    data = folder_domains_overrides if option == "folder_domains" else data
     cfg = compose_with(f"task={option}", "seed=7", *data)
     assert cfg.task.get("seed", 7) == 7  # the one-shot runs are fixed: no seed
     if option in DOMAIN_TASKS:  # domain generalisation: source-domain episodes, whole-domain evaluation
         extra = ["task.data.limit=600"] if option == "rotated_fashion_mnist" else []
         extra += ["task.data.samples=100"] if option == "mnist1d_domains" else []
-        task = instantiate(compose_with(f"task={option}", "seed=7", *extra).task)
+        task = instantiate(compose_with(f"task={option}", "seed=7", *data, *extra).task)
         assert isinstance(task, DomainTask) and task.split.test_domain not in task.split.sources
         episode = task.train.episode(0)
+        if option == "folder_domains":  # RGB images for a Conv-4
+            assert episode.support_x.shape[1:] == (3, 16, 16) and task.split.data.n_classes == cfg.model.n_classes
+            return
         assert episode.support_x.shape[1] == cfg.model.in_features
         assert task.split.data.n_classes == cfg.model.out_features
         return
@@ -334,7 +351,7 @@ def test_algorithm_overlays_leave_the_task_alone():
         assert cfg.model._target_ == "metaloss.models.Conv4"
 
 
-DOMAIN_TASKS = ("rotated_fashion_mnist", "rotated_digits", "mnist1d_domains")
+DOMAIN_TASKS = ("rotated_fashion_mnist", "rotated_digits", "mnist1d_domains", "folder_domains")
 DOMAIN_ALGORITHMS = ("erm", "mldg", "maml_domains", "fish", "learned_loss_domains")
 NOISY_BASELINES = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1"}
 NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online", "storm", "mlc", "emlc"}
@@ -343,7 +360,7 @@ SEMISUP_ALGORITHMS = {"mpl", "mpl_exact", "pseudo_label"}
 
 @pytest.mark.parametrize(("group", "option"), [o for o in OPTIONS if o[0] != "logger"], ids=lambda v: str(v))
 def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_root, cifar10_root,
-                                            omniglot_overrides):  # fmt: skip
+                                            omniglot_overrides, folder_domains_overrides):  # fmt: skip
     """scripts/common.build on the composed config: task, model, inner_opt, hypergrad and outer_opt together."""
     overrides = [f"{group}={option}"]
     if (group, option) in {("task", "miniimagenet"), ("model", "conv4")}:
@@ -376,8 +393,11 @@ def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_roo
     if (group == "algorithm" and option in DOMAIN_ALGORITHMS) or (group, option) == ("hypergrad", "reptile"):
         overrides += ["task=rotated_digits"] + (["algorithm=fish"] if group == "hypergrad" else [])
     if group == "task" and option in DOMAIN_TASKS:
-        overrides += {"rotated_fashion_mnist": ["task.data.limit=600"], "mnist1d_domains": ["task.data.samples=100"]
-                      }.get(option, [])  # fmt: skip
+        overrides += {"rotated_fashion_mnist": ["task.data.limit=600"], "mnist1d_domains": ["task.data.samples=100"],
+                      "folder_domains": folder_domains_overrides}.get(option, [])  # fmt: skip
+    if group == "model" and option in ("mlp_28x28", "cnn_28x28"):
+        flat = "true" if option == "mlp_28x28" else "false"
+        overrides += ["task=rotated_fashion_mnist", "task.data.limit=600", f"task.flatten={flat}"]
     built = load_common().build(compose_with(*overrides))
     if group == "algorithm" and option in NOISY_BASELINES:  # nothing is meta-learned: no outer optimizer
         assert not built.problem.meta_parameters() and built.outer_opt is None

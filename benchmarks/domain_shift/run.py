@@ -39,7 +39,7 @@ METHODS = {
     # loss left at its start, cross-entropy (outer lr 0, one meta-step), the baseline it must beat
     "learned_loss": ["algorithm=learned_loss_domains", "train.validate_every=500"],
     "cross_entropy_sgd": ["algorithm=learned_loss_domains", "outer_opt.lr=0", "train.meta_steps=1",
-                          "train.validate_every=1", "task.eval_steps={steps}"],
+                          "train.validate_every=1", "task.eval_steps={steps}"],  # fmt: skip
 }
 MODELS = {"mlp": [], "cnn": ["model=cnn_28x28", "task.flatten=false"]}  # cnn: the image tasks only
 

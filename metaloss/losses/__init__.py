@@ -10,6 +10,7 @@ from torch import Tensor
 from metaloss.errors import ConfigError
 from metaloss.losses.robust import (
     cross_entropy,
+    entropy,
     focal,
     gce,
     label_smoothing,
@@ -32,6 +33,7 @@ def accuracy(logits: Tensor, target: Tensor) -> Tensor:
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "mse": mse,
     "cross_entropy": cross_entropy,
+    "entropy": entropy,
     "label_smoothing": label_smoothing,
     "focal": focal,
     "poly1": poly1,

@@ -14,6 +14,7 @@ With p = softmax(logits) and p_y the probability of the target class:
 - SCE (Wang et al. 2019, symmetric CE): alpha CE + beta RCE
 - NCE+RCE (Ma et al. 2020, active-passive loss): alpha NCE + beta RCE, NCE = log p_y / sum_k log p_k
 - Taylor-CE (Feng et al. 2020): sum_{i=1..t} (1 - p_y)^i / i   (t -> infinity: CE)
+- entropy: -sum_k p_k log p_k, reading no labels (Tent's test-time objective, Wang et al. 2021)
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> Te
     if reduction == "mean":
         return F.cross_entropy(logits, target)  # torch's fused kernel, as every result so far used
     return reduce(-_log_p_target(logits, target)[1], reduction)
+
+
+def entropy(logits: Tensor, target: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """The prediction entropy H(softmax(logits)) per row [n]; `target` is not read (unlabelled rows)."""
+    log_p = F.log_softmax(logits, dim=-1)
+    return reduce(-(log_p.exp() * log_p).sum(-1), reduction)
 
 
 def label_smoothing(logits: Tensor, target: Tensor, smoothing: Coefficient = 0.1, reduction: str = "mean") -> Tensor:

@@ -76,6 +76,13 @@ CASES: dict[str, Case] = {
                                         "MPL's teacher feedback is for one-step look-aheads: truncation must be 1"),
     "unknown_test_domain": Case(["task=rotated_digits", "task.test_domain=90"], 2,
                                 "unknown test domain '90' of rotated_digits; its domains are 0, 15, 30, 45, 60, 75"),
+    "domain_without_class_folders": Case(["task=folder_domains", "task.data.root={no_classes}"], 2,
+                                         "has no class folders: expected"),  # fmt: skip
+    "domain_with_no_samples": Case(["task=folder_domains", "task.data.root={no_images}"], 2,
+                                   "domain 'sketch' in"),  # fmt: skip
+    "tent_without_normalisation_layers": Case(["task=rotated_digits", "task.adaptation.episodes=1",
+                                               "task.adaptation.test_time_parameters=norm"], 2,
+                                              "the model (MLP) has no normalisation layers"),  # fmt: skip
     # combinations that cannot learn
     "implicit_on_plain_maml": Case(["hypergrad=implicit_cg"], 2, "Implicit gives no meta-parameter a gradient"),
     "truncation_cuts_the_init": Case(["hypergrad=truncated", "problem.inner_steps=3"], 2,
@@ -149,7 +156,7 @@ def run_case(base: Path, name: str, case: Case, paths: dict[str, str]) -> Run:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_omniglot) -> dict:
+def world(tmp_path_factory, make_omniglot, make_folder_domains) -> dict:
     """A finished run, an unfinished one (its checkpoint alone), a poisoned checkpoint, an Omniglot
     fixture and an empty data folder; then every case, two at a time."""
     base = tmp_path_factory.mktemp("bad_inputs")
@@ -160,9 +167,13 @@ def world(tmp_path_factory, make_omniglot) -> dict:
     shutil.copy(finished.dir / "checkpoint.pt", unfinished / "checkpoint.pt")
     (base / "empty").mkdir()
     evil_checkpoint(base / "evil.pt", base / "payload-ran")
+    make_folder_domains(base / "no_classes", {"photo": {"dog": 1}})
+    (base / "no_classes" / "sketch").mkdir()  # a domain folder with no class folders
+    make_folder_domains(base / "no_images", {"photo": {"dog": 1}, "sketch": {"dog": 0}})
     paths = {"finished": str(base / "finished"), "unfinished": str(unfinished), "evil": str(base / "evil.pt"),
              "empty": str(base / "empty"), "omniglot": str(make_omniglot(base / "omniglot")),
-             "cache": str(base / "cache")}  # fmt: skip
+             "cache": str(base / "cache"), "no_classes": str(base / "no_classes"),
+             "no_images": str(base / "no_images")}  # fmt: skip
     before = {name: (finished.dir / name).read_bytes() for name in ("metrics.json", "checkpoint.pt")}
     (base / "cases").mkdir()
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from script_runner import TIMING_KEYS, run_all, run_script
 from test_resume import whole_and_resumed
 
@@ -19,7 +20,7 @@ PLANS = {
     "erm": BASE + ["algorithm=erm"],
     "mldg": BASE + ["algorithm=mldg", "logger=tensorboard"],
     "mldg_first_order": BASE + ["algorithm=mldg", "hypergrad=first_order"],
-    "maml_domains": BASE + ["algorithm=maml_domains"],
+    "maml_domains": BASE + ["algorithm=maml_domains", "task.adaptation.episodes=3"],
     "fish": BASE + ["algorithm=fish", "task.test_domain=0"],
     "learned_loss": BASE + ["algorithm=learned_loss_domains", "task.eval_steps=50"],
 }
@@ -49,6 +50,49 @@ def test_every_method_reports_the_held_out_domain_selected_by_training_domain_va
     assert metrics["val_accuracy"] > 0.3 and metrics["test_accuracy"] > 0.2
     assert metrics["saved_meta_objects"] == (["inner_loss.safetensors"] if name == "learned_loss" else [])
     assert metrics["episodes"] == {"erm": "erm", "fish": "fish"}.get(name, "mldg")
+
+
+def test_the_final_model_is_scored_before_and_after_adapting_to_the_test_domain(runs):
+    metrics = runs["maml_domains"].metrics()
+    for kind in ("few_shot", "test_time"):
+        before, after = metrics[f"{kind}_accuracy_before"], metrics[f"{kind}_accuracy"]
+        assert 0 <= before <= 1 and 0 <= after <= 1 and before != after  # 10 SGD steps changed the model
+    assert "few_shot_accuracy" not in runs["erm"].metrics()  # task.adaptation.episodes=0: none
+
+
+def test_fine_tuning_is_plain_sgd_on_the_named_parameters():
+    from domain_task import fine_tune, norm_parameter_names
+
+    from metaloss.models import Conv4
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    w, b = params["weight"].clone(), params["bias"].clone()
+    for _ in range(3):  # by hand: only the weight moves
+        w = w.requires_grad_()
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x @ w.T + b, y), [w])
+        w = (w - 0.5 * g).detach()
+    tuned = fine_tune(model, params, ["weight"], x, y, torch.nn.functional.cross_entropy, 3, 0.5)
+    torch.testing.assert_close(tuned["weight"], w)
+    assert torch.equal(tuned["bias"], params["bias"]) and not torch.equal(params["weight"], w)  # input untouched
+    names = norm_parameter_names(Conv4(3, filters=8, image_size=16, norm="group"))
+    assert names == [f"features.{i}.{k}" for i in (1, 4, 7, 10) for k in ("weight", "bias")]
+
+
+def test_a_folder_per_domain_image_set_runs(tmp_path, make_folder_domains):
+    layout = {domain: {"dog": 12, "horse": 12} for domain in ("art_painting", "cartoon", "photo", "sketch")}
+    root = make_folder_domains(tmp_path / "pacs", layout)
+    run = run_script(tmp_path / "run", ["task=folder_domains", f"task.data.root={root}", "task.data.image_size=16",
+                                        "task.n_way=2", "task.batch_size=4", "model.filters=8", "algorithm=mldg",
+                                        "train.meta_steps=4", "train.validate_every=2", "task.adaptation.episodes=1",
+                                        "task.adaptation.k_shot=1", "task.adaptation.q_query=1", "logger=none",
+                                        "progress=false", "threads=1"])  # fmt: skip
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert metrics["test_domain"] == "sketch" and metrics["source_domains"] == ["art_painting", "cartoon", "photo"]
+    assert 0 <= metrics["test_time_accuracy"] <= 1  # Tent: the GroupNorm layers adapted
 
 
 def test_the_methods_train_different_models(runs):

@@ -124,6 +124,31 @@ def test_target_few_shot_episodes_adapt_on_the_oracle_part_and_query_the_rest():
         TargetFewShotEpisodes(split, n_way=4)
 
 
+def test_target_adaptation_keeps_the_class_indices_of_the_trained_head():
+    from tasks.domain_shift import target_adaptation
+
+    data = toy_domains((60, 60, 90))
+    split = leave_one_domain_out(data, "d2", seed=1)
+    assert target_adaptation(split, episodes=0) is None
+    adapt = target_adaptation(split, episodes=2, k_shot=2, q_query=3, test_time_batch=5, seed=4)
+    e = adapt.few_shot.episode(1)
+    assert sorted(e.support_y.tolist()) == [0, 0, 1, 1, 2, 2]  # every class, under its own index
+    assert e.support_y.tolist() == [c for c in e.meta["classes"] for _ in range(2)]
+    for x, y in ((e.support_x, e.support_y), (e.query_x, e.query_y)):  # a row's index in d2 gives its class
+        assert torch.equal(((x[:, 0] - 2) * 1000).round().long() % 3, y)
+    assert len(adapt.test_time.episode(0).query_y) == 5
+    for bad, match in (({"steps": -1}, "episodes, steps and lr"), ({"test_time_parameters": "head"}, "one of")):
+        with pytest.raises(ConfigError, match=match):
+            target_adaptation(split, episodes=1, **bad)
+
+
+def test_a_model_width_unlike_the_classes_is_refused():
+    from tasks.domain_shift import domain_task
+
+    with pytest.raises(ConfigError, match="has 3 classes but task.n_way"):
+        domain_task(toy_domains(), "d1", n_way=10, flatten=False)
+
+
 def test_test_time_episodes_hide_the_labels_of_the_adaptation_batch():
     from tasks.domain_shift import UNLABELLED, TestTimeEpisodes
 

@@ -43,18 +43,8 @@ def test_mnist1d_domains_differ_by_their_generation_parameters_and_repeat():
         mnist1d_domains({"odd": {"colour": 1.0}}, samples=20)
 
 
-def write_folder_domains(root, layout):
-    for domain, classes in layout.items():
-        for cls, n in classes.items():
-            (root / domain / cls).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                value = 40 * i + 10
-                Image.new("RGB", (20, 16), (value, 0, 255 - value)).save(root / domain / cls / f"{i}.jpg" if i % 2
-                                                                       else root / domain / cls / f"{i}.png")
-
-
-def test_folder_domains_read_the_pacs_layout(tmp_path):
-    write_folder_domains(tmp_path, {"photo": {"dog": 2, "horse": 3}, "sketch": {"dog": 1, "guitar": 2}})
+def test_folder_domains_read_the_pacs_layout(tmp_path, make_folder_domains):
+    make_folder_domains(tmp_path, {"photo": {"dog": 2, "horse": 3}, "sketch": {"dog": 1, "guitar": 2}})
     data = folder_domains(tmp_path, image_size=8)
     assert data.domains == ["photo", "sketch"] and data.n_classes == 3  # dog, guitar, horse
     assert data.x[0].shape == (5, 3, 8, 8) and data.y[0].tolist() == [0, 0, 2, 2, 2]
