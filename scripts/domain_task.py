@@ -80,6 +80,7 @@ class DomainRun:
                               f"({type(problem.model).__name__}) has no normalisation layers; use all")  # fmt: skip
         self.task, self.problem, self.path = task, problem, run_dir / HISTORY
         self.history: list[dict[str, Any]] = []
+        self.latest: tuple[int, dict[str, Tensor], dict[str, float]] | None = None
 
     def resume(self, resumed_from: int | None) -> None:
         """Take up the evaluations of the interrupted run, up to the step it resumes from."""
@@ -124,8 +125,10 @@ class DomainRun:
 
     def validate(self, step: int) -> dict[str, float]:
         """`scores()` at meta-step `step`, recorded (and written) for model selection."""
-        scores = self.scores()
+        params = self.model()
+        scores = self.scores(params)
         self.history = [h for h in self.history if h["step"] < step + 1] + [{"step": step + 1, **scores}]
+        self.latest = (step + 1, params, scores)  # final() after the last step reuses them
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.history, indent=1))
         tmp.replace(self.path)
@@ -156,11 +159,14 @@ class DomainRun:
             out[f"{kind}_accuracy"] = sum(after) / len(after)
         return out
 
-    def final(self) -> dict[str, Any]:
-        """The final model's scores, the selected ones (training-domain validation) and the oracle's, and
-        the final model's adaptation to the test domain (if asked for)."""
-        params = self.model()
-        last = self.scores(params)
+    def final(self, last_step: int | None = None) -> dict[str, Any]:
+        """The final model's scores (after meta-step `last_step`), the selected ones (training-domain
+        validation) and the oracle's, and the final model's adaptation to the test domain (if asked for)."""
+        if self.latest is not None and self.latest[0] == last_step:  # validated at the last step
+            _, params, last = self.latest
+        else:
+            params = self.model()
+            last = self.scores(params)
         history = self.history or [{"step": None, **last}]
         chosen = max(history, key=lambda h: h["val_accuracy"])
         oracle = max(history, key=lambda h: h["oracle_select_accuracy"])

@@ -216,7 +216,7 @@ def train_domains(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunD
                     validate_every=settings.train.validate_every, progress=settings.progress,
                     checkpoint_every=settings.train.checkpoint_every)  # fmt: skip
     train_seconds = time.time() - started
-    final = run.final()
+    final = run.final(settings.train.meta_steps)
     logger.log(settings.train.meta_steps, {k: v for k, v in final.items() if isinstance(v, float)}, prefix="final/")
     logger.close()
     saved = []

@@ -43,6 +43,7 @@ def test_every_method_reports_the_held_out_domain_selected_by_training_domain_va
     assert all(0 <= metrics[f"val_accuracy/{d}"] <= 1 for d in metrics["source_domains"])
     history = json.loads((run.dir / "domain_validation.json").read_text())
     chosen = max(history, key=lambda h: h["val_accuracy"])
+    assert history[-1]["step"] == 120 and metrics["final_test_accuracy"] == history[-1]["test_accuracy"]
     assert metrics["selected_step"] == chosen["step"] and metrics["test_accuracy"] == chosen["test_accuracy"]
     assert metrics["oracle_test_accuracy"] == max(history, key=lambda h: h["oracle_select_accuracy"])[
         "oracle_eval_accuracy"]  # fmt: skip
