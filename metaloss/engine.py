@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metaloss.checkpoint import CheckpointError, load_meta_state, rng_state, set_rng_state
+from metaloss.distributed import Distributed
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import HypergradEstimator
 from metaloss.logging import NullLogger, TensorBoardLogger
@@ -56,7 +57,9 @@ class MetaTrainer:
     of it, so a run restored with `load_state_dict()` continues bitwise as the uninterrupted one
     (on CPU, deterministic settings). A non-finite outer loss or meta-gradient skips that update
     (phi and the optimizer state stay as they were); `max_bad_steps` consecutive skips raise
-    `NonFiniteError`."""
+    `NonFiniteError`. With `distributed` (several ranks, `metaloss.distributed`), each rank samples
+    and estimates its share of every meta-batch and the estimates are averaged over all the tasks
+    before the outer step, so every rank applies the single-process update."""
 
     def __init__(
         self,
@@ -69,11 +72,21 @@ class MetaTrainer:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         max_bad_steps: int = 10,
+        distributed: Distributed | None = None,
     ) -> None:
         if meta_batch < 1 or max_bad_steps < 1:
             raise ConfigError(f"need meta_batch >= 1 and max_bad_steps >= 1, got {meta_batch} and {max_bad_steps}")
+        self.distributed = distributed or Distributed()
+        if self.distributed.enabled and sampler is None:
+            raise ConfigError("distributed meta-training splits the episodes of each meta-batch over the ranks; the "
+                              "online regime (no episodes) runs in one process for now")  # fmt: skip
+        if meta_batch < self.distributed.world_size:
+            raise ConfigError(f"train.meta_batch ({meta_batch}) must be at least the number of ranks "
+                              f"({self.distributed.world_size}): every rank runs its share of the tasks")  # fmt: skip
         self.problem, self.estimator, self.outer_opt, self.sampler = problem, estimator, outer_opt, sampler
         self.meta_batch, self.device, self.dtype, self.max_bad_steps = meta_batch, device, dtype, max_bad_steps
+        self.shard = self.distributed.shard(meta_batch)  # this rank's episodes [start, stop) of each meta-batch
+        estimator.task_offset = self.shard[0]
         self.run = RunState()
 
     def state_dict(self) -> dict[str, Any]:
@@ -102,6 +115,7 @@ class MetaTrainer:
         report their mean metrics and their count as `outer_updates`."""
         outs = []
         for out in self.estimator.updates(self.problem, episodes):
+            out = self.distributed.reduce(out, len(episodes), self.problem.meta_parameters())
             first = self.run.outer_updates + self.run.skipped_updates == 0
             if first and out.grads and all(g is None for g in out.grads):
                 raise ConfigError(
@@ -147,7 +161,8 @@ class MetaTrainer:
         after_step: Callable[[MetaTrainer], None] | None = None,
     ) -> list[dict[str, float]]:
         """Run meta-steps `run.step` .. meta_steps - 1: episodes step*B .. step*B+B-1 of the sampler
-        form step `step`'s meta-batch (no sampler: an online system's estimator needs no episodes).
+        form step `step`'s meta-batch (this rank's share of them, when distributed; no sampler: an online
+        system's estimator needs no episodes).
         `after_step(self)` is called after every step; `checkpoint(self)` after every
         `checkpoint_every` steps (0: never) and after the last. Returns this call's metrics of every step, including
         the seconds spent sampling the meta-batch and in the meta-step proper."""
@@ -159,8 +174,9 @@ class MetaTrainer:
                    initial=self.run.step, total=meta_steps)  # fmt: skip
         for step in bar:
             started = time.perf_counter()
-            sampled_episodes = [] if self.sampler is None else sample_episodes(self.sampler, step * self.meta_batch,
-                                                                               self.meta_batch)  # fmt: skip
+            start, stop = self.shard
+            sampled_episodes = [] if self.sampler is None else sample_episodes(self.sampler, step * self.meta_batch
+                                                                               + start, stop - start)  # fmt: skip
             episodes = [e.to(self.device, self.dtype) for e in sampled_episodes]
             sampled = time.perf_counter()
             skipped = self.run.skipped_updates
@@ -249,27 +265,35 @@ def evaluate(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "meta-test",
+    distributed: Distributed | None = None,
 ) -> dict[str, float]:
     """Meta-test: adapt on episodes 0..num_tasks-1 of `sampler` and measure the query loss (and
-    the problem's metric) after each number of inner steps in `steps`.
+    the problem's metric) after each number of inner steps in `steps`. With `distributed`, each rank
+    adapts on its share of the tasks and the results are gathered (the same numbers on every rank).
 
     Returns {"loss_step{t}": mean, "loss_step{t}_ci95": half-width, ...} over the tasks.
     """
     if num_tasks < 1 or not steps or min(steps) < 0:
         raise ConfigError(f"evaluation needs num_tasks >= 1 and steps >= 0, got {num_tasks} and {list(steps)}")
-    record: dict[str, list[float]] = {}
+    distributed = distributed or Distributed()
     wanted = set(steps)
+    rows: list[dict[str, float]] = []  # per task of this rank: {"<metric>_step<t>": value}
 
     def on_step(t: int, params: Params) -> None:
         if t in wanted:
             with torch.no_grad():
                 _, metrics = problem.query_loss(params, episode)
-            for name, value in metrics.items():
-                record.setdefault(f"{name}_step{t}", []).append(float(value))
+            rows[-1].update({f"{name}_step{t}": float(value) for name, value in metrics.items()})
 
-    for i in tqdm(range(num_tasks), desc=desc, disable=not progress, dynamic_ncols=True):
+    start, stop = distributed.shard(num_tasks)
+    for i in tqdm(range(start, stop), desc=desc, disable=not progress, dynamic_ncols=True):
         episode = sampler.episode(i).to(device, dtype)
+        rows.append({})
         problem.adapt_to(episode, steps=max(steps), second_order=False, differentiable_steps=0, on_step=on_step)
+    record: dict[str, list[float]] = {}
+    for row in distributed.gather(rows):  # in task order
+        for name, value in row.items():
+            record.setdefault(name, []).append(value)
     result: dict[str, float] = {}
     for name, values in record.items():
         result[name], result[f"{name}_ci95"] = mean_ci95(values)

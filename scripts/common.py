@@ -53,8 +53,8 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
         group_dir = config_dir / key
-        if not sep or not group_dir.is_dir() or "." in key:
-            continue
+        if not sep or not group_dir.is_dir() or "." in key or key.startswith("hydra/"):
+            continue  # hydra/...: Hydra's groups, whose options also come from its plugins
         for option in value.split(",") if _multirun(argv) else [value]:
             if not (group_dir / f"{option}.yaml").is_file():
                 options = sorted(p.stem for p in group_dir.glob("*.yaml"))

@@ -41,10 +41,11 @@ from online_task import OnlineTaskRun, save_weight_histogram  # noqa: E402
 from settings import validate_meta_train  # noqa: E402
 
 from metaloss.baselines import train_jointly  # noqa: E402
+from metaloss.distributed import init_distributed  # noqa: E402
 from metaloss.engine import MetaTrainer, evaluate  # noqa: E402
 from metaloss.errors import ConfigError  # noqa: E402
 from metaloss.io import FAMILIES, save_meta_object  # noqa: E402
-from metaloss.logging import TensorBoardLogger  # noqa: E402
+from metaloss.logging import NullLogger, TensorBoardLogger  # noqa: E402
 from metaloss.losses import get_loss  # noqa: E402
 from metaloss.plots import loss_figure, save_loss_plot  # noqa: E402
 
@@ -54,12 +55,20 @@ from metaloss.plots import loss_figure, save_loss_plot  # noqa: E402
 def main(cfg: DictConfig) -> None:
     started = time.time()
     settings, run_dir = start_job(cfg, validate_meta_train)
+    with config_errors():
+        dist = init_distributed(settings.distributed.backend, settings.device, settings.distributed.timeout_s)
+    main_dir = Path(dist.broadcast(str(run_dir)))  # ranks > 0 write nothing: rank 0's directory is the run's
+    if main_dir != run_dir and not any(run_dir.iterdir()):
+        run_dir.rmdir()  # the empty directory Hydra made for this rank (a default name differs per process)
     choices = HydraConfig.get().runtime.choices
     group_choices = {k: v for k, v in choices.items() if isinstance(v, str) and "/" not in k}
-    directory = RunDirectory(run_dir, cfg, settings.resume, settings.overwrite, settings.checkpoint,
+    directory = RunDirectory(main_dir, cfg, settings.resume, settings.overwrite, settings.checkpoint and dist.is_main,
                              extra={"choices": group_choices})  # fmt: skip
     with config_errors():
         built = build(cfg)
+        if dist.enabled and (getattr(built.splits, "online", False) or getattr(built.splits, "domains", False)):
+            raise ConfigError("distributed runs (torchrun) split the episodes of a meta-batch over the ranks; the "
+                              "noisy-label and domain tasks run in one process for now")  # fmt: skip
     if getattr(built.splits, "online", False):  # a noisy-label training run: the online regime
         train_online(cfg, settings, run_dir, directory, built, group_choices, started)
         return
@@ -70,25 +79,35 @@ def main(cfg: DictConfig) -> None:
         if built.splits.train is None or built.splits.val is None:
             raise ConfigError(f"task {choices.task!r} only evaluates; meta-test a checkpoint on it with meta_test.py")
         dtype = dtype_of(cfg)
+        device = dist.device(settings.device)
         trainer = MetaTrainer(built.problem, built.estimator, built.outer_opt, built.splits.train,
-                              meta_batch=settings.train.meta_batch, device=settings.device, dtype=dtype,
-                              max_bad_steps=settings.train.max_bad_steps)  # fmt: skip
-        directory.open(trainer, settings.train.meta_steps)
+                              meta_batch=settings.train.meta_batch, device=device, dtype=dtype,
+                              max_bad_steps=settings.train.max_bad_steps, distributed=dist)  # fmt: skip
+        if dist.is_main:
+            directory.open(trainer, settings.train.meta_steps)
+        if dist.enabled:  # every rank starts from rank 0's state (fresh or resumed): identical phi everywhere
+            state, directory.resumed_from = dist.broadcast((trainer.state_dict(), directory.resumed_from))
+            trainer.load_state_dict(state)
         with output_errors(run_dir):
-            logger = instantiate(cfg.logger, purge_step=directory.resumed_from)
+            logger = instantiate(cfg.logger, purge_step=directory.resumed_from) if dist.is_main else NullLogger()
     problem, splits = built.problem, built.splits
-    device, steps = settings.device, list(settings.test.steps)
+    steps = list(settings.test.steps)
 
     def validate(step: int) -> dict[str, float]:
         return evaluate(problem, splits.val, settings.train.val_tasks, [settings.problem.inner_steps], device=device,
-                        dtype=dtype)  # fmt: skip
+                        dtype=dtype, distributed=dist)  # fmt: skip
 
     directory.train(trainer, settings.train.meta_steps, logger, "lower the learning rates, or raise "
                     "train.max_bad_steps", log_every=settings.train.log_every, validate=validate,
-                    validate_every=settings.train.validate_every, progress=settings.progress,
+                    validate_every=settings.train.validate_every, progress=settings.progress and dist.is_main,
                     checkpoint_every=settings.train.checkpoint_every)  # fmt: skip
-    run = trainer.run
     train_seconds = time.time() - started
+    test = evaluate(problem, splits.test, settings.test.num_tasks, steps, device=device, dtype=dtype,
+                    progress=settings.progress and dist.is_main, distributed=dist)  # fmt: skip
+    dist.close()
+    if not dist.is_main:
+        return  # rank 0 writes the outputs
+    run = trainer.run
     saved = []
     with output_errors(run_dir):
         for name, module in problem.meta_modules().items():
@@ -113,12 +132,11 @@ def main(cfg: DictConfig) -> None:
         "resumed_from_step": directory.resumed_from,
         "saved_meta_objects": saved,
         "test_tasks": settings.test.num_tasks,
+        "ranks": dist.world_size,
         "train_seconds": round(train_seconds, 2),
         "sample_seconds": round(run.sample_seconds, 2),
         "step_seconds": round(run.step_seconds, 2),
     }
-    test = evaluate(problem, splits.test, settings.test.num_tasks, steps, device=device, dtype=dtype,
-                    progress=settings.progress)  # fmt: skip
     metrics.update({f"meta/{k}": v for k, v in test.items()})
     logger.log(settings.train.meta_steps, test, prefix="meta_test/")
 

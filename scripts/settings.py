@@ -63,6 +63,12 @@ class BaselineSettings:
 
 
 @dataclass
+class DistributedSettings:
+    backend: str = "auto"
+    timeout_s: float = 300.0
+
+
+@dataclass
 class MetaTrainSettings:
     seed: int = 0
     device: str = "cpu"
@@ -73,6 +79,7 @@ class MetaTrainSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     test: TestSettings = field(default_factory=TestSettings)
     baseline: BaselineSettings = field(default_factory=BaselineSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
     checkpoint: bool = True
     resume: Optional[str] = None  # noqa: UP045
     overwrite: bool = False
@@ -183,6 +190,10 @@ def validate_meta_train(cfg: DictConfig) -> MetaTrainSettings:
     if b.enabled:
         _require(b.steps >= 0 and b.tasks_per_step >= 1 and b.lr > 0,
                  "baseline.steps must be >= 0, baseline.tasks_per_step >= 1 and baseline.lr > 0")  # fmt: skip
+    d = s.distributed
+    _require(d.backend in ("auto", "gloo", "nccl"), f"distributed.backend must be auto, gloo or nccl, got "
+             f"{d.backend!r}")  # fmt: skip
+    _require(d.timeout_s > 0, f"distributed.timeout_s must be > 0, got {d.timeout_s}")
     check_episodes(cfg)
     for group in ("task", "model", "init", "inner_loss", "inner_opt", "hypergrad", "outer_opt", "logger"):
         if group in cfg and isinstance(cfg[group], DictConfig):

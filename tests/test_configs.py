@@ -90,7 +90,8 @@ TRAIN_GROUPS = ("data", "loss")  # scripts/train.py's groups (configs/train.yaml
 
 def test_every_group_directory_is_covered():
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
-    assert groups == set(GROUPS) | set(TRAIN_GROUPS) | {"experiment"}  # experiments: tests/test_experiments.py
+    # experiments: tests/test_experiments.py; hydra/launcher: the SLURM launcher (below)
+    assert groups == set(GROUPS) | set(TRAIN_GROUPS) | {"experiment", "hydra"}
     assert all(any(g == group for g, _ in OPTIONS) for group in GROUPS)
 
 
@@ -418,3 +419,15 @@ def test_online_estimators_take_a_truncation_schedule_and_an_update_interval():
     while cause is not None and not isinstance(cause, ConfigError):
         cause = cause.__cause__ or cause.__context__
     assert cause is not None and "truncation must be" in str(cause)
+
+
+def test_the_slurm_launcher_config_composes_with_submitit():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("meta_train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2"],
+                      return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 2, 2)
+    assert cfg.distributed.backend == "auto"

@@ -16,7 +16,11 @@ from metaloss.types import Episode, HypergradOut
 class HypergradEstimator(ABC):
     """Estimates the gradient of the mean outer loss over `episodes` with respect to
     `problem.meta_parameters()`. It runs the inner loop through `problem.adapt_to`
-    and never re-implements it; it does not step the outer optimizer."""
+    and never re-implements it; it does not step the outer optimizer. `task_offset`: the meta-batch
+    position of the first episode it is given (a rank's share of a meta-batch split over ranks,
+    `metaloss.distributed`), for estimators that draw noise per task."""
+
+    task_offset: int = 0
 
     @abstractmethod
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:

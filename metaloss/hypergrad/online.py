@@ -105,7 +105,7 @@ class EpisodicOnline(HypergradEstimator):
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         if self.update != "horizon":
             raise ConfigError(f"update={self.update!r} means several updates per meta-step: use updates()")
-        self.calls, self.tasks = self.calls + 1, 0
+        self.calls, self.tasks = self.calls + 1, self.task_offset
         return mean_over_tasks(problem, episodes, self._task)
 
     def updates(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> Iterator[HypergradOut]:
@@ -114,7 +114,7 @@ class EpisodicOnline(HypergradEstimator):
             return
         if not episodes:
             raise ConfigError("a meta-batch needs at least one episode")
-        self.calls, self.tasks = self.calls + 1, 0
+        self.calls, self.tasks = self.calls + 1, self.task_offset
         runs = [(EpisodeSystem(problem, episode, self.batched), self._new_estimator()) for episode in episodes]
         every = 1 if self.update == "truncation" else int(self.update)
         horizon, t = runs[0][0].horizon, 0

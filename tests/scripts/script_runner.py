@@ -50,9 +50,16 @@ class Run:
         return f"exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
 
 
-def run_script(run_dir: Path, overrides: list[str], script: Path = SCRIPT) -> Run:
+def launcher(ranks: int = 1) -> list[str]:
+    """The command that starts a script: python, or torchrun with `ranks` processes on this machine."""
+    if ranks == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+
+
+def run_script(run_dir: Path, overrides: list[str], script: Path = SCRIPT, ranks: int = 1) -> Run:
     proc = subprocess.run(
-        [sys.executable, str(script), f"hydra.run.dir={run_dir}", *overrides],
+        [*launcher(ranks), str(script), f"hydra.run.dir={run_dir}", *overrides],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,107 @@
+"""metaloss.distributed in two real processes (gloo, a file rendezvous): the reduction is the mean
+over all ranks' tasks, absent gradients stay absent, and MetaTrainer on 2 ranks leaves both ranks
+with bitwise identical phi equal (to float tolerance) to one process's, a learned inner learning rate
+included; the meta-test gathered from 2 ranks equals one process's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from metaloss.distributed import Distributed, export_slurm_environment, init_distributed
+from metaloss.engine import MetaTrainer, evaluate
+from metaloss.errors import ConfigError
+from metaloss.hypergrad import Unrolled
+from metaloss.losses import mse
+from metaloss.meta import HyperparameterOptimizer, LearnedInit
+from metaloss.models import MLP
+from metaloss.problem import BilevelProblem
+from metaloss.types import HypergradOut
+from tasks import SinusoidSampler
+
+
+def problem() -> BilevelProblem:
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).double()
+    inner = HyperparameterOptimizer("sgd", learn=["lr"], lr=0.01).double()
+    return BilevelProblem(model, LearnedInit(model), inner, mse, mse, 2)
+
+
+def train(distributed: Distributed | None) -> tuple[list[torch.Tensor], dict[str, float]]:
+    p = problem()
+    outer = torch.optim.SGD(p.meta_parameters(), lr=0.002)
+    trainer = MetaTrainer(p, Unrolled(), outer, SinusoidSampler(seed=3), meta_batch=5, dtype=torch.float64,
+                          distributed=distributed)  # fmt: skip
+    trainer.train(4, progress=False)
+    test = evaluate(p, SinusoidSampler(seed=4), 5, [0, 1], dtype=torch.float64, distributed=distributed)
+    return [t.detach().clone() for t in p.meta_parameters()], test
+
+
+def worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    d = Distributed(rank, 2, rank, "gloo")
+    count = rank + 1  # rank 0 averaged 1 task, rank 1 two
+    grads = [torch.full((2,), float(rank + 1), dtype=torch.float64), None, torch.ones(3) * rank]
+    reduced = d.reduce(HypergradOut(grads, float(rank), {"loss": float(rank), "acc": 0.5}), count,
+                       [torch.zeros(2, dtype=torch.float64), torch.zeros(1), torch.zeros(3)])  # fmt: skip
+    phi, test = train(d)
+    torch.save({"reduced": reduced, "phi": phi, "test": test, "shard": d.shard(5),
+                "gathered": d.gather([rank, rank])}, f"{out}/rank{rank}.pt")  # fmt: skip
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(worker, args=(str(folder / "store"), str(folder)), nprocs=2, start_method="spawn")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_the_reduction_is_the_mean_over_every_task(ranks):
+    for out in (r["reduced"] for r in ranks):
+        torch.testing.assert_close(out.grads[0], torch.full((2,), (1 * 1 + 2 * 2) / 3, dtype=torch.float64))
+        assert out.grads[1] is None  # absent on every rank: stays absent
+        torch.testing.assert_close(out.grads[2], torch.ones(3) * 2 / 3)
+        assert out.outer_loss == pytest.approx(2 / 3) and out.metrics == pytest.approx({"loss": 2 / 3, "acc": 0.5})
+    assert [r["shard"] for r in ranks] == [(0, 2), (2, 5)] and ranks[1]["gathered"] == [0, 0, 1, 1]
+
+
+def test_two_ranks_hold_identical_phi_equal_to_one_process(ranks):
+    one, test = train(None)
+    for a, b, c in zip(ranks[0]["phi"], ranks[1]["phi"], one):
+        assert torch.equal(a, b)  # the same update applied on both ranks
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+    assert ranks[0]["test"] == ranks[1]["test"] and ranks[0]["test"] == pytest.approx(test, rel=1e-12)
+
+
+def test_one_rank_outside_torchrun_and_bad_settings(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = init_distributed()
+    assert (d.enabled, d.is_main, d.shard(7), d.device("cuda")) == (False, True, (0, 7), "cuda")
+    out = HypergradOut([torch.ones(1)], 1.0, {"loss": 1.0})
+    assert d.reduce(out, 3, [torch.zeros(1)]) is out and d.gather([1]) == [1] and d.broadcast(5) == 5
+    with pytest.raises(ConfigError, match="distributed.backend"):
+        init_distributed("mpi")
+    with pytest.raises(ConfigError, match="at least the number of ranks"):
+        p = problem()
+        MetaTrainer(p, Unrolled(), torch.optim.SGD(p.meta_parameters(), lr=0.1), SinusoidSampler(), meta_batch=1,
+                    distributed=Distributed(0, 2))  # fmt: skip
+    assert os.environ.get("WORLD_SIZE") is None
+
+
+def test_a_slurm_job_of_several_tasks_gets_torch_distributed_variables(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert not export_slurm_environment()  # not a SLURM job
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+             "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_NODEID": "1"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert export_slurm_environment()
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == ["3", "4", "1", "node07"]
+    assert not export_slurm_environment()  # already set: left alone
