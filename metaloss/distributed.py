@@ -131,7 +131,8 @@ def export_slurm_environment() -> bool:
 
 def init_distributed(backend: str = "auto", device: str = "cpu", timeout_s: float = 300.0) -> Distributed:
     """Join the job `torchrun` started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR in the environment)
-    or a SLURM job of several tasks (`export_slurm_environment`), or a one-rank `Distributed` outside them. backend "auto": NCCL for device "cuda", else gloo.
+    or a SLURM job of several tasks (`export_slurm_environment`), or a one-rank `Distributed` outside
+    them. backend "auto": NCCL for device "cuda", else gloo.
     timeout_s: how long a collective waits for a missing rank before it fails (the job then exits
     with an error rather than hang)."""
     if backend not in BACKENDS:
