@@ -16,9 +16,12 @@ from metaloss.checkpoint import CheckpointError, load_meta_state, rng_state, set
 from metaloss.distributed import Distributed
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import HypergradEstimator
+from metaloss.hypergrad.es import AntitheticES
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut, Params, TaskSampler, sample_episodes
+
+SPLITS = ("tasks", "particles")  # what a distributed run splits over its ranks
 
 
 class NonFiniteError(RuntimeError):
@@ -59,7 +62,8 @@ class MetaTrainer:
     (phi and the optimizer state stay as they were); `max_bad_steps` consecutive skips raise
     `NonFiniteError`. With `distributed` (several ranks, `metaloss.distributed`), each rank samples
     and estimates its share of every meta-batch and the estimates are averaged over all the tasks
-    before the outer step, so every rank applies the single-process update."""
+    before the outer step, so every rank applies the single-process update; `split="particles"`
+    (antithetic ES) gives every rank every task and a share of the perturbation pairs instead."""
 
     def __init__(
         self,
@@ -73,6 +77,7 @@ class MetaTrainer:
         dtype: torch.dtype | None = None,
         max_bad_steps: int = 10,
         distributed: Distributed | None = None,
+        split: str = "tasks",
     ) -> None:
         if meta_batch < 1 or max_bad_steps < 1:
             raise ConfigError(f"need meta_batch >= 1 and max_bad_steps >= 1, got {meta_batch} and {max_bad_steps}")
@@ -80,13 +85,24 @@ class MetaTrainer:
         if self.distributed.enabled and sampler is None:
             raise ConfigError("distributed meta-training splits the episodes of each meta-batch over the ranks; the "
                               "online regime (no episodes) runs in one process for now")  # fmt: skip
-        if meta_batch < self.distributed.world_size:
-            raise ConfigError(f"train.meta_batch ({meta_batch}) must be at least the number of ranks "
-                              f"({self.distributed.world_size}): every rank runs its share of the tasks")  # fmt: skip
+        world = self.distributed.world_size
+        if split not in SPLITS:
+            raise ConfigError(f"distributed.split must be one of {SPLITS}, got {split!r}")
         self.problem, self.estimator, self.outer_opt, self.sampler = problem, estimator, outer_opt, sampler
         self.meta_batch, self.device, self.dtype, self.max_bad_steps = meta_batch, device, dtype, max_bad_steps
-        self.shard = self.distributed.shard(meta_batch)  # this rank's episodes [start, stop) of each meta-batch
-        estimator.task_offset = self.shard[0]
+        self.shard, self.particles = (0, meta_batch), 0  # this rank's episodes [start, stop) of each meta-batch
+        if split == "particles" and self.distributed.enabled:  # every rank runs every task, a share of the pairs
+            if not isinstance(estimator, AntitheticES) or estimator.particles < world:
+                raise ConfigError(f"distributed.split=particles is for hypergrad=es with at least {world} antithetic "
+                                  f"pairs (one per rank)")  # fmt: skip
+            estimator.particle_range = self.distributed.shard(estimator.particles)
+            self.particles = estimator.particle_range[1] - estimator.particle_range[0]
+        elif self.distributed.enabled:
+            if meta_batch < world:
+                raise ConfigError(f"train.meta_batch ({meta_batch}) must be at least the number of ranks ({world}): "
+                                  "every rank runs its share of the tasks")  # fmt: skip
+            self.shard = self.distributed.shard(meta_batch)
+            estimator.task_offset = self.shard[0]
         self.run = RunState()
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,7 +131,8 @@ class MetaTrainer:
         report their mean metrics and their count as `outer_updates`."""
         outs = []
         for out in self.estimator.updates(self.problem, episodes):
-            out = self.distributed.reduce(out, len(episodes), self.problem.meta_parameters())
+            count = self.particles or len(episodes)  # what this rank's estimate is the mean over
+            out = self.distributed.reduce(out, count, self.problem.meta_parameters())
             first = self.run.outer_updates + self.run.skipped_updates == 0
             if first and out.grads and all(g is None for g in out.grads):
                 raise ConfigError(

@@ -82,7 +82,8 @@ def main(cfg: DictConfig) -> None:
         device = dist.device(settings.device)
         trainer = MetaTrainer(built.problem, built.estimator, built.outer_opt, built.splits.train,
                               meta_batch=settings.train.meta_batch, device=device, dtype=dtype,
-                              max_bad_steps=settings.train.max_bad_steps, distributed=dist)  # fmt: skip
+                              max_bad_steps=settings.train.max_bad_steps, distributed=dist,
+                              split=settings.distributed.split)  # fmt: skip
         if dist.is_main:
             directory.open(trainer, settings.train.meta_steps)
         if dist.enabled:  # every rank starts from rank 0's state (fresh or resumed): identical phi everywhere

@@ -66,6 +66,7 @@ class BaselineSettings:
 class DistributedSettings:
     backend: str = "auto"
     timeout_s: float = 300.0
+    split: str = "tasks"
 
 
 @dataclass
@@ -194,6 +195,7 @@ def validate_meta_train(cfg: DictConfig) -> MetaTrainSettings:
     _require(d.backend in ("auto", "gloo", "nccl"), f"distributed.backend must be auto, gloo or nccl, got "
              f"{d.backend!r}")  # fmt: skip
     _require(d.timeout_s > 0, f"distributed.timeout_s must be > 0, got {d.timeout_s}")
+    _require(d.split in ("tasks", "particles"), f"distributed.split must be tasks or particles, got {d.split!r}")
     check_episodes(cfg)
     for group in ("task", "model", "init", "inner_loss", "inner_opt", "hypergrad", "outer_opt", "logger"):
         if group in cfg and isinstance(cfg[group], DictConfig):

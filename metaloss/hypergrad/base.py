@@ -21,6 +21,7 @@ class HypergradEstimator(ABC):
     `metaloss.distributed`), for estimators that draw noise per task."""
 
     task_offset: int = 0
+    particle_range: tuple[int, int] | None = None  # ES over ranks: the antithetic pairs this rank runs
 
     @abstractmethod
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:

@@ -30,7 +30,10 @@ class AntitheticES(HypergradEstimator):
     generator seeded with (seed, call count), so a run is reproducible. batched: run the 2N
     perturbed inner problems as one batch (`torch.func.vmap` with `torch.func` inner gradients,
     at most `chunk` at a time; None: all) instead of one after another; same numbers either way.
-    The reported loss is the mean of (L+ + L-) / 2, the smoothed objective's estimate."""
+    The reported loss is the mean of (L+ + L-) / 2, the smoothed objective's estimate.
+    particle_range (set by a distributed run that splits the particles over ranks): evaluate only the
+    pairs [start, stop) of the N drawn, and return their mean term (1 / (2 (stop - start) sigma)) sum
+    ...; the ranks' results weighted by their pair counts sum to the estimate over all N pairs."""
 
     def __init__(
         self, particles: int = 8, sigma: float = 0.01, seed: int = 0, batched: bool = False, chunk: int | None = None
@@ -87,15 +90,18 @@ class AntitheticES(HypergradEstimator):
         phi = problem.meta_parameters()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
         self.calls += 1
+        # all N pairs drawn, whatever share of them this call runs: the noise does not depend on a split
         eps = [[torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in phi]
                for _ in range(self.particles)]  # fmt: skip
+        start, stop = self.particle_range or (0, self.particles)
+        eps, pairs = eps[start:stop], stop - start
         perturbations = [[sign * self.sigma * e for e in pair] for sign in (1, -1) for pair in eps]  # +eps, -eps
         losses = (self._losses_batched if self.batched else self._losses_in_turn)(problem, episodes, phi, perturbations)
-        plus, minus = losses[: self.particles], losses[self.particles :]  # [N], [N]
+        plus, minus = losses[:pairs], losses[pairs:]  # [pairs], [pairs]
         grads = [torch.zeros_like(p) for p in phi]
         for i, pair in enumerate(eps):
             for g, e in zip(grads, pair):
-                g.add_(float(plus[i] - minus[i]) / (2 * self.particles * self.sigma) * e)
+                g.add_(float(plus[i] - minus[i]) / (2 * pairs * self.sigma) * e)
         value = float((plus + minus).mean() / 2)
         spread = float((plus - minus).abs().mean())
         return HypergradOut(grads=grads, outer_loss=value, metrics={"loss": value, "es_abs_difference": spread})

@@ -1,7 +1,8 @@
 """metaloss.distributed in two real processes (gloo, a file rendezvous): the reduction is the mean
 over all ranks' tasks, absent gradients stay absent, and MetaTrainer on 2 ranks leaves both ranks
 with bitwise identical phi equal (to float tolerance) to one process's, a learned inner learning rate
-included; the meta-test gathered from 2 ranks equals one process's."""
+included, with the tasks split and (antithetic ES) with the perturbation pairs split; the meta-test
+gathered from 2 ranks equals one process's."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 from metaloss.distributed import Distributed, export_slurm_environment, init_distributed
 from metaloss.engine import MetaTrainer, evaluate
 from metaloss.errors import ConfigError
-from metaloss.hypergrad import Unrolled
+from metaloss.hypergrad import AntitheticES, Unrolled
 from metaloss.losses import mse
 from metaloss.meta import HyperparameterOptimizer, LearnedInit
 from metaloss.models import MLP
@@ -50,9 +51,20 @@ def worker(rank: int, store: str, out: str) -> None:
     reduced = d.reduce(HypergradOut(grads, float(rank), {"loss": float(rank), "acc": 0.5}), count,
                        [torch.zeros(2, dtype=torch.float64), torch.zeros(1), torch.zeros(3)])  # fmt: skip
     phi, test = train(d)
-    torch.save({"reduced": reduced, "phi": phi, "test": test, "shard": d.shard(5),
+    es = es_step(d)
+    torch.save({"reduced": reduced, "phi": phi, "test": test, "shard": d.shard(5), "es": es,
                 "gathered": d.gather([rank, rank])}, f"{out}/rank{rank}.pt")  # fmt: skip
     dist.destroy_process_group()
+
+
+def es_step(distributed: Distributed | None) -> list[torch.Tensor]:
+    """phi after two SGD steps of antithetic ES (5 pairs; split over the ranks when distributed)."""
+    p = problem()
+    trainer = MetaTrainer(p, AntitheticES(particles=5, sigma=0.01, seed=2), torch.optim.SGD(p.meta_parameters(),
+                          lr=0.002), SinusoidSampler(seed=3), meta_batch=2, dtype=torch.float64,
+                          distributed=distributed, split="particles")  # fmt: skip
+    trainer.train(2, progress=False)
+    return [t.detach().clone() for t in p.meta_parameters()]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +91,14 @@ def test_two_ranks_hold_identical_phi_equal_to_one_process(ranks):
     assert ranks[0]["test"] == ranks[1]["test"] and ranks[0]["test"] == pytest.approx(test, rel=1e-12)
 
 
+def test_es_pairs_split_over_two_ranks_give_the_one_process_estimate(ranks):
+    one = es_step(None)
+    for a, b, c in zip(ranks[0]["es"], ranks[1]["es"], one):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(one[0], problem().meta_parameters()[0].detach())
+
+
 def test_one_rank_outside_torchrun_and_bad_settings(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     d = init_distributed()
@@ -91,6 +111,10 @@ def test_one_rank_outside_torchrun_and_bad_settings(monkeypatch):
         p = problem()
         MetaTrainer(p, Unrolled(), torch.optim.SGD(p.meta_parameters(), lr=0.1), SinusoidSampler(), meta_batch=1,
                     distributed=Distributed(0, 2))  # fmt: skip
+    with pytest.raises(ConfigError, match="split=particles is for hypergrad=es"):
+        p = problem()
+        MetaTrainer(p, Unrolled(), torch.optim.SGD(p.meta_parameters(), lr=0.1), SinusoidSampler(), meta_batch=2,
+                    distributed=Distributed(0, 2), split="particles")  # fmt: skip
     assert os.environ.get("WORLD_SIZE") is None
 
 

@@ -1,9 +1,9 @@
 """Distributed meta-training as a user launches it: `torchrun --nproc_per_node=2 scripts/meta_train.py`
 on this CPU (gloo). A meta-batch split over 2 ranks gives the single-process update (unrolled, first
-order, implicit, ES-Single): after three plain-SGD outer steps in float64 the meta-parameters equal
-those of one process to float tolerance, and the gathered meta-test equals the single-process one; a
-run killed on 2 ranks resumes on 1 to the uninterrupted 1-rank result; a rank that dies ends the job
-with an error instead of a hang; only rank 0 writes."""
+order, implicit, ES-Single; antithetic ES with its pairs split instead): after three plain-SGD outer
+steps in float64 the meta-parameters equal those of one process to float tolerance, and the gathered
+meta-test equals the single-process one; a run killed on 2 ranks resumes on 1 to the uninterrupted
+1-rank result; a rank that dies ends the job with an error instead of a hang; only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ ESTIMATORS = {
     # strength on the sinusoid leaves a relative residual of 0.2) amplifies rounding, e.g. of the task order
     "implicit": ["algorithm=imaml", "problem.inner_regularizer.strength=10", "hypergrad.iterations=60"],
     "es_single": ["hypergrad=es_single", "hypergrad.particles=4"],
+    "es_particles": ["hypergrad=es", "hypergrad.particles=5", "distributed.split=particles"],  # pairs over ranks
 }
 
 
