@@ -76,8 +76,12 @@ def main(cfg: DictConfig) -> None:
         train_domains(cfg, settings, run_dir, directory, built, group_choices, started)
         return
     with config_errors():
-        if built.splits.train is None or built.splits.val is None:
-            raise ConfigError(f"task {choices.task!r} only evaluates; meta-test a checkpoint on it with meta_test.py")
+        if built.splits.train is None:
+            raise ConfigError(f"task {choices.task!r} has no training split (it only evaluates); meta-test a "
+                              "checkpoint on it with meta_test.py")  # fmt: skip
+        if built.splits.val is None and settings.train.validate_every:
+            raise ConfigError(f"task {choices.task!r} has no validation split: set train.validate_every=0, or give "
+                              "it one (e.g. Omniglot's val_alphabets or val_characters)")  # fmt: skip
         dtype = dtype_of(cfg)
         device = dist.device(settings.device)
         trainer = MetaTrainer(built.problem, built.estimator, built.outer_opt, built.splits.train,
@@ -103,8 +107,10 @@ def main(cfg: DictConfig) -> None:
                     validate_every=settings.train.validate_every, progress=settings.progress and dist.is_main,
                     checkpoint_every=settings.train.checkpoint_every)  # fmt: skip
     train_seconds = time.time() - started
-    test = evaluate(problem, splits.test, settings.test.num_tasks, steps, device=device, dtype=dtype,
-                    progress=settings.progress and dist.is_main, distributed=dist)  # fmt: skip
+    test = {}  # no test split (e.g. Omniglot on every alphabet): no meta-test
+    if splits.test is not None:
+        test = evaluate(problem, splits.test, settings.test.num_tasks, steps, device=device, dtype=dtype,
+                        progress=settings.progress and dist.is_main, distributed=dist)  # fmt: skip
     dist.close()
     if not dist.is_main:
         return  # rank 0 writes the outputs
@@ -132,7 +138,7 @@ def main(cfg: DictConfig) -> None:
         "skipped_updates": run.skipped_updates,
         "resumed_from_step": directory.resumed_from,
         "saved_meta_objects": saved,
-        "test_tasks": settings.test.num_tasks,
+        "test_tasks": settings.test.num_tasks if splits.test is not None else 0,
         "ranks": dist.world_size,
         "train_seconds": round(train_seconds, 2),
         "sample_seconds": round(run.sample_seconds, 2),
@@ -141,7 +147,8 @@ def main(cfg: DictConfig) -> None:
     metrics.update({f"meta/{k}": v for k, v in test.items()})
     logger.log(settings.train.meta_steps, test, prefix="meta_test/")
 
-    if settings.baseline.enabled is True or (settings.baseline.enabled == "auto" and splits.loss == "mse"):
+    baseline_on = settings.baseline.enabled is True or (settings.baseline.enabled == "auto" and splits.loss == "mse")
+    if baseline_on and splits.test is not None:
         torch.manual_seed(settings.seed + 1)
         with config_errors():
             baseline = build_problem(cfg, instantiate(cfg.model), splits, baseline=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ class FewShotSampler:
 
     inputs: [N, *shape] (any dtype; floating point is kept, uint8 is scaled to [0, 1]);
     labels: [N] integer class ids; split: which of the train / val / test random streams to use.
+    groups: class id -> group (e.g. Omniglot's alphabet): every episode first draws one group among
+    those with at least n_way classes, then its n_way classes within it (Lake et al. 2015's
+    within-alphabet one-shot runs); None: the classes of an episode come from anywhere.
     Support tensors are class-major: [n_way * k_shot, *shape].
     """
 
@@ -45,6 +48,7 @@ class FewShotSampler:
         q_query: int,
         seed: int = 0,
         split: str = "train",
+        groups: Mapping[int, str] | None = None,
     ) -> None:
         if n_way < 1 or k_shot < 1 or q_query < 0:
             raise ConfigError(f"need n_way >= 1, k_shot >= 1, q_query >= 0; got {n_way}, {k_shot}, {q_query}")
@@ -67,6 +71,16 @@ class FewShotSampler:
             raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.n_way, self.k_shot, self.q_query, self.seed = n_way, k_shot, q_query, seed
         self.stream = SPLITS.index(split)  # train / val / test draw from independent streams
+        self.groups: list[list[int]] | None = None  # per eligible group: positions in self.classes
+        if groups is not None:
+            members: dict[str, list[int]] = {}
+            for position, c in enumerate(classes):
+                members.setdefault(str(groups[c]), []).append(position)
+            self.groups = [members[name] for name in sorted(members) if len(members[name]) >= n_way]
+            if not self.groups:
+                largest = max(len(m) for m in members.values())
+                raise ConfigError(f"within-group episodes of n_way={n_way} need a group (alphabet) with {n_way} "
+                                  f"classes; the largest in the {split} split has {largest}")  # fmt: skip
 
     def _images(self, index: Tensor) -> Tensor:
         x = self.inputs[index]
@@ -74,7 +88,11 @@ class FewShotSampler:
 
     def episode(self, index: int) -> Episode:
         g = episode_generator(self.seed, index, self.stream)
-        chosen = torch.randperm(len(self.classes), generator=g)[: self.n_way]  # position = new label
+        if self.groups is None:
+            chosen = torch.randperm(len(self.classes), generator=g)[: self.n_way]  # position = new label
+        else:  # one group, then n_way of its classes
+            group = torch.tensor(self.groups[int(torch.randint(len(self.groups), (1,), generator=g))])
+            chosen = group[torch.randperm(len(group), generator=g)[: self.n_way]]
         support, query = [], []
         for c in chosen.tolist():
             pool = self.by_class[self.classes[c]]

@@ -362,7 +362,8 @@ def split_alphabets(
 ) -> dict[str, list[str]]:
     """Disjoint train / val / test alphabet lists. A split left None takes its default restricted to
     the available alphabets and minus the alphabets given explicitly to another split; train left
-    None takes every remaining alphabet. An empty list means no sampler for that split."""
+    None takes every remaining alphabet. An empty list means no sampler for that split: test=[] (and
+    val=[]) is a final run on every alphabet, to be tested elsewhere (e.g. Lake's official runs)."""
     given = {"train": _alphabet_list(train), "val": _alphabet_list(val), "test": _alphabet_list(test)}
     for split, names in given.items():
         unknown = sorted(set(names or ()) - set(available))
@@ -381,8 +382,9 @@ def split_alphabets(
         for b in ("train", "val", "test")[i + 1 :]:
             if both := sorted(set(out[a]) & set(out[b])):
                 raise ConfigError(f"Omniglot alphabet(s) {both} are in both {a}_alphabets and {b}_alphabets")
-    if not out["test"]:
-        raise ConfigError("no Omniglot test alphabets: set test_alphabets")
+    if not out["test"] and given["test"] is None:
+        raise ConfigError("no Omniglot test alphabets among these sets: set test_alphabets, or test_alphabets=[] "
+                          "to train on every alphabet without a meta-test")  # fmt: skip
     return out
 
 
@@ -401,6 +403,8 @@ def omniglot_task(
     cache_dir: str | None = None,
     download: bool = False,
     base_url: str = OFFICIAL_URL,
+    within_alphabet: bool = False,
+    val_characters: float = 0.0,
 ) -> TaskSplits:
     """N-way K-shot Omniglot episodes with train / val / test split by alphabet (Lake et al. 2015
     data; Vinyals et al. 2016 / Finn et al. 2017 episodes).
@@ -414,7 +418,14 @@ def omniglot_task(
     background alphabets (901 characters). A split given explicitly wins; see `split_alphabets`.
     rotations: the train split's characters also appear turned by 90, 180 and 270 degrees as new
     classes (Santoro et al. 2016); val and test are never rotated. An alphabet-free split is None.
+    within_alphabet: val and test episodes draw their N classes from one alphabet, as the official
+    one-shot runs of Lake et al. (2015) do (training episodes still mix alphabets).
+    val_characters: a fraction of every training alphabet's characters (drawn with the seed) held out
+    of training and added to the validation split, e.g. for a final run on every alphabet
+    (`val_alphabets=[] test_alphabets=[] val_characters=0.2`).
     """
+    if not 0.0 <= val_characters < 1.0:
+        raise ConfigError(f"val_characters must be a fraction in [0, 1), got {val_characters}")
     names = _check_sets(sets)
     data = load_omniglot(root, names, image_size=image_size, cache_dir=cache_dir, download=download, base_url=base_url)
     if "evaluation" in names:
@@ -424,9 +435,17 @@ def omniglot_task(
         test_default, val_default = list(DEFAULT_TEST), list(DEFAULT_VAL)
     split = split_alphabets(data.alphabets, train_alphabets, val_alphabets, test_alphabets, val_default, test_default)
     alphabet = np.asarray(data.alphabet)
+    members = {name: np.flatnonzero(np.isin(alphabet, alphabets)).tolist() for name, alphabets in split.items()}
+    if val_characters > 0:
+        rng = np.random.default_rng(seed)
+        for name in split["train"]:
+            own = np.flatnonzero(alphabet == name)
+            held = sorted(rng.choice(own, size=int(round(len(own) * val_characters)), replace=False).tolist())
+            members["train"] = [c for c in members["train"] if c not in set(held)]
+            members["val"] = sorted(members["val"] + held)
     samplers: dict[str, FewShotSampler | None] = {}
-    for name, alphabets in split.items():
-        classes = np.flatnonzero(np.isin(alphabet, alphabets)).tolist()
+    for name in split:
+        classes = members[name]
         if not classes:
             samplers[name] = None
             continue
@@ -435,7 +454,8 @@ def omniglot_task(
             keep = torch.from_numpy(np.isin(labels.numpy(), classes))
             images, labels = rotate_classes(images[keep], labels[keep], len(data.characters))
             classes = sorted(set(labels.tolist()))
-        samplers[name] = FewShotSampler(images, labels, classes, n_way, k_shot, q_query, seed, name)
+        groups = {c: data.alphabet[c] for c in classes} if within_alphabet and name != "train" else None
+        samplers[name] = FewShotSampler(images, labels, classes, n_way, k_shot, q_query, seed, name, groups)
     return TaskSplits(samplers["train"], samplers["val"], samplers["test"], loss="cross_entropy", metric="accuracy")
 
 

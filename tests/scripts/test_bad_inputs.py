@@ -55,6 +55,10 @@ CASES: dict[str, Case] = {
     "empty_test_steps": Case(["test.steps=[]"], 2, "test.steps must be a non-empty list of ints >= 0"),
     "one_way_task": Case(["task=omniglot", "task.n_way=1"], 2, "task.n_way must be >= 2, got 1"),
     "no_query_examples": Case(["task=omniglot", "task.q_query=0"], 2, "task.q_query must be >= 1, got 0"),
+    "validating_without_a_validation_split": Case(["task=omniglot", "task.root={omniglot}", "task.cache_dir={cache}",
+                                                   "task.val_alphabets=[]", "task.n_way=2", "task.q_query=1"], 2,
+                                                  "task 'omniglot' has no validation split: set "
+                                                  "train.validate_every=0"),  # fmt: skip
     # noisy-label tasks
     "unknown_noise_type": Case(["task=noisy_digits", "task.noise.type=gaussian"], 2, "unknown noise type 'gaussian'"),
     "noise_rate_one": Case(["task=noisy_digits", "task.noise.rate=1.0"], 2, "noise rate must be in [0, 1), got 1.0"),

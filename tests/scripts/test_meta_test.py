@@ -25,6 +25,11 @@ def trained(tmp_path_factory, make_miniimagenet, make_omniglot, make_lake_runs) 
         "omniglot": TINY
         + ["logger=none", "baseline.enabled=false", "task=omniglot", f"task.root={omniglot}", "task.n_way=3"]
         + [f"task.cache_dir={base / 'cache'}", "task.q_query=1", "model.filters=4", "test.num_tasks=2"],
+        # a final run on every alphabet (no test split), validated on half of every alphabet's characters
+        "omniglot_every_alphabet": TINY
+        + ["logger=none", "baseline.enabled=false", "task=omniglot", f"task.root={omniglot}", "task.n_way=3"]
+        + [f"task.cache_dir={base / 'cache'}", "task.q_query=1", "model.filters=4", "task.test_alphabets=[]"]
+        + ["task.val_alphabets=[]", "task.val_characters=0.5"],
     }
     runs = run_all(base, plans)
     for run in runs.values():
@@ -44,12 +49,23 @@ def evaluations(trained) -> dict[str, Run]:
         "lake": MT
         + [f"checkpoint={omniglot}", "task=omniglot_lake", f"task.root={trained['lake']}", "task.n_way=3"]
         + ["test.steps=[0,10]"],
+        "lake_every_alphabet": MT
+        + [f"checkpoint={trained['runs']['omniglot_every_alphabet'].dir / 'checkpoint.pt'}", "task=omniglot_lake"]
+        + [f"task.root={trained['lake']}", "task.n_way=3", "test.steps=[0,10]"],
         "missing": MT + [f"checkpoint={trained['base']}/nope.pt"],
         "not_a_checkpoint": MT + [f"checkpoint={trained['mini']}/mini-imagenet-cache-test.pkl"],
         "wrong_way": MT
         + [f"checkpoint={mini}", "task=miniimagenet", f"task.root={trained['mini']}", "task.n_way=3", "task.q_query=1"],
     }
     return run_all(trained["base"] / "evaluations", plans, script=META_TEST)
+
+
+def test_a_run_on_every_alphabet_has_no_meta_test_and_is_tested_on_the_lake_runs(trained, evaluations) -> None:
+    metrics = trained["runs"]["omniglot_every_alphabet"].metrics()
+    assert metrics["test_tasks"] == 0 and not any(k.startswith("meta/") for k in metrics)
+    lake = evaluations["lake_every_alphabet"]
+    assert lake.returncode == 0, lake.explain()
+    assert 0 <= lake.metrics()["error_percent_step10"] <= 100
 
 
 def test_reports_each_step_with_a_confidence_interval(evaluations) -> None:

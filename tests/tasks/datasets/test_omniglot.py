@@ -378,8 +378,56 @@ def test_unknown_and_overlapping_alphabets_are_config_errors(omniglot_root, tmp_
     assert "Balinese" in str(info.value) and "Tagalog" in str(info.value)  # the available ones are listed
     with pytest.raises(ConfigError, match="Korean.*train_alphabets and test_alphabets"):
         omniglot_task(str(omniglot_root), train_alphabets=["Korean", "Greek"], test_alphabets=["Korean"])
-    with pytest.raises(ConfigError, match="no Omniglot test alphabets"):
-        split_alphabets(["A"], test=[])
+    with pytest.raises(ConfigError, match="no Omniglot test alphabets among these sets: set test_alphabets, or"):
+        split_alphabets(["A", "B"], default_val=["B"], default_test=["X"])
+    assert split_alphabets(["A", "B"], val=[], test=[]) == {"train": ["A", "B"], "val": [], "test": []}
+
+
+def test_within_alphabet_episodes_never_mix_alphabets_and_are_deterministic(omniglot_root, tmp_path):
+    # val: Balinese (3 characters) + Japanese_(katakana) (3) + Early_Aramaic (2): 2-way episodes come
+    # from one of them alone, never mixed
+    splits = omniglot_task(str(omniglot_root), val_alphabets=["Balinese", "Japanese_(katakana)", "Early_Aramaic"],
+                           test_alphabets=["Tagalog", "Sanskrit"], n_way=2, k_shot=1, q_query=1, seed=2,
+                           within_alphabet=True, cache_dir=str(tmp_path / "c"))  # fmt: skip
+    data = load_omniglot(str(omniglot_root), cache_dir=str(tmp_path / "c"))
+    seen = set()
+    for i in range(40):
+        episode = splits.val.episode(i)
+        alphabets = {data.characters[c][0] for c in episode.meta["classes"]}
+        assert len(alphabets) == 1 and len(episode.meta["classes"]) == 2
+        seen |= alphabets
+        assert episode.meta["classes"] == splits.val.episode(i).meta["classes"]
+        test = {data.characters[c][0] for c in splits.test.episode(i).meta["classes"]}
+        assert len(test) == 1
+    assert seen == {"Balinese", "Japanese_(katakana)", "Early_Aramaic"}  # every alphabet is drawn
+    across = omniglot_task(str(omniglot_root), val_alphabets=["Balinese", "Japanese_(katakana)", "Early_Aramaic"],
+                           test_alphabets=["Tagalog", "Sanskrit"], n_way=2, k_shot=1, q_query=1, seed=2,
+                           cache_dir=str(tmp_path / "c"))  # fmt: skip
+    mixed = [{data.characters[c][0] for c in across.val.episode(i).meta["classes"]} for i in range(40)]
+    assert any(len(a) > 1 for a in mixed)  # without the option, episodes mix alphabets
+    n = len(data.characters)  # rotated training classes are c + k n
+    train = [{data.characters[c % n][0] for c in splits.train.episode(i).meta["classes"]} for i in range(20)]
+    assert any(len(a) > 1 for a in train)  # training episodes still mix
+    with pytest.raises(ConfigError, match="a group \\(alphabet\\) with 3 classes; the largest in the test split has 2"):
+        omniglot_task(str(omniglot_root), test_alphabets=["Tagalog", "Sanskrit"], n_way=3, q_query=1,
+                      within_alphabet=True, cache_dir=str(tmp_path / "c"))  # fmt: skip
+
+
+def test_a_final_run_trains_on_every_background_character(omniglot_root, tmp_path):
+    data = load_omniglot(str(omniglot_root), cache_dir=str(tmp_path / "c"))
+    every = omniglot_task(str(omniglot_root), val_alphabets=[], test_alphabets=[], n_way=2, q_query=1,
+                          rotations=False, cache_dir=str(tmp_path / "c"))  # fmt: skip
+    assert every.val is None and every.test is None
+    assert every.train.classes == list(range(len(data.characters)))  # every character of every alphabet
+    held = omniglot_task(str(omniglot_root), val_alphabets=[], test_alphabets=[], val_characters=0.5, n_way=2,
+                         q_query=1, rotations=False, seed=3, cache_dir=str(tmp_path / "c"))  # fmt: skip
+    train, val = set(held.train.classes), set(held.val.classes)
+    assert not train & val and train | val == set(range(len(data.characters)))
+    for alphabet in data.alphabets:  # half of every alphabet's characters held out for validation
+        own = {c for c, (a, _) in enumerate(data.characters) if a == alphabet}
+        assert len(own & val) == round(len(own) * 0.5)
+    with pytest.raises(ConfigError, match="val_characters must be a fraction"):
+        omniglot_task(str(omniglot_root), val_characters=1.0, cache_dir=str(tmp_path / "c"))
 
 
 def test_task_checks_episode_sizes(omniglot_root, tmp_path):
