@@ -58,8 +58,12 @@ def main(cfg: DictConfig) -> None:
     with config_errors():
         dist = init_distributed(settings.distributed.backend, settings.device, settings.distributed.timeout_s)
     main_dir = Path(dist.broadcast(str(run_dir)))  # ranks > 0 write nothing: rank 0's directory is the run's
-    if main_dir != run_dir and not any(run_dir.iterdir()):
-        run_dir.rmdir()  # the empty directory Hydra made for this rank (a default name differs per process)
+    if main_dir != run_dir:  # the directory Hydra made for this rank (a default name differs per process)
+        left = list(run_dir.iterdir())
+        if all(f.suffix == ".log" and f.is_file() and f.stat().st_size == 0 for f in left):
+            for f in left:
+                f.unlink()
+            run_dir.rmdir()
     choices = HydraConfig.get().runtime.choices
     group_choices = {k: v for k, v in choices.items() if isinstance(v, str) and "/" not in k}
     directory = RunDirectory(main_dir, cfg, settings.resume, settings.overwrite, settings.checkpoint and dist.is_main,

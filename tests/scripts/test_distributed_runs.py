@@ -72,6 +72,14 @@ def test_only_rank_zero_writes(tmp_path):
                                                          "tensorboard"]  # Hydra's log, as in one process
 
 
+def test_ranks_with_their_own_default_directory_names_leave_one_run_directory(tmp_path):
+    # the default hydra.run.dir holds a per-process id: every rank but 0 removes the one Hydra made for it
+    run = run_script(tmp_path / "runs" / "run_${run_id:}", SMALL, ranks=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    made = list((tmp_path / "runs").iterdir())
+    assert len(made) == 1 and (made[0] / "metrics.json").is_file()
+
+
 def killed_after_first_checkpoint(run_dir: Path, plan: list[str], ranks: int) -> int:
     """Start a run on `ranks` processes, SIGKILL all of them as soon as its first checkpoint exists."""
     proc = subprocess.Popen([*launcher(ranks), str(SCRIPT), f"hydra.run.dir={run_dir}", *plan], cwd=REPO_ROOT,
