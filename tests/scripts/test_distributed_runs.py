@@ -36,15 +36,24 @@ def meta_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return {f"{m}.{n}": t for m, tensors in state["meta"].items() for n, t in tensors.items()}
 
 
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """phi before any outer step (a run of 0 meta-steps writes the initial state; the same model and
+    seed for every estimator)."""
+    plan = [o for o in SMALL if not o.startswith("train.meta_steps")] + ["train.meta_steps=0"]
+    run = run_script(tmp_path_factory.mktemp("init") / "run", plan)
+    assert run.returncode == 0, run.explain()
+    return meta_state(run.dir)
+
+
 @pytest.mark.parametrize("name", list(ESTIMATORS))
-def test_a_meta_batch_split_over_two_ranks_gives_the_single_process_update(tmp_path, name):
+def test_a_meta_batch_split_over_two_ranks_gives_the_single_process_update(tmp_path, name, start):
     plan = SMALL + ESTIMATORS[name]
     one, two = run_script(tmp_path / "one", plan), run_script(tmp_path / "two", plan, ranks=2)
     assert one.returncode == 0, one.explain()
     assert two.returncode == 0, two.explain()
     a, b = meta_state(one.dir), meta_state(two.dir)
     assert a.keys() == b.keys() and a
-    start = meta_state_at_init(tmp_path, plan)
     for key in a:
         assert not torch.equal(a[key], start[key])  # phi moved
         torch.testing.assert_close(b[key], a[key], rtol=1e-9, atol=1e-11)
@@ -52,14 +61,6 @@ def test_a_meta_batch_split_over_two_ranks_gives_the_single_process_update(tmp_p
     assert (ma["ranks"], mb["ranks"]) == (1, 2) and mb == two.last_stdout_json()
     for key in (k for k in ma if k.startswith("meta/")):  # the meta-test split over the ranks and gathered
         assert mb[key] == pytest.approx(ma[key], rel=1e-9, abs=1e-12), key
-
-
-def meta_state_at_init(tmp_path: Path, plan: list[str]) -> dict[str, torch.Tensor]:
-    """phi before any outer step (a run of 0 meta-steps writes the initial state)."""
-    run = run_script(tmp_path / "init", [o for o in plan if not o.startswith("train.meta_steps")]
-                     + ["train.meta_steps=0"])  # fmt: skip
-    assert run.returncode == 0, run.explain()
-    return meta_state(run.dir)
 
 
 def test_only_rank_zero_writes(tmp_path):
