@@ -15,7 +15,7 @@ from metaloss.errors import ConfigError, DataNotFoundError
 from metaloss.hypergrad import AntitheticES, CheckpointedUnrolled, EpisodicOnline, Implicit, Reptile, Unrolled
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.logging import NullLogger, TensorBoardLogger
-from metaloss.meta import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, WarpPreconditioner
+from metaloss.meta import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, PerStepSGD, WarpPreconditioner
 from metaloss.meta.weighting import AssignGradient
 from metaloss.models import MLP, CifarResNet, Conv4, ResNet12, ShapedSine
 from tasks.base import TaskSplits
@@ -168,7 +168,7 @@ def test_inner_opt_instantiates_and_takes_a_first_step_of_its_lr(option):
     cfg = compose_with(f"inner_opt={option}")
     model = MLP(1, [4], 1)
     module = load_common().instantiate_for(model, cfg.inner_opt)
-    kinds = {"metasgd": MetaSGD, "warp": WarpPreconditioner, "mlp_update_rule": MLPUpdateRule}
+    kinds = {"metasgd": MetaSGD, "warp": WarpPreconditioner, "mlp_update_rule": MLPUpdateRule, "lslr": PerStepSGD}
     assert isinstance(module, kinds.get(option, HyperparameterOptimizer))
     opt = module()
     assert isinstance(opt, InnerOptimizer)

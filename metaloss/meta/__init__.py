@@ -2,7 +2,13 @@
 
 from metaloss.meta.init import FixedInit, LearnedInit, RandomInit
 from metaloss.meta.loss import ML3Loss, ML3RegressionLoss, NPBMLLoss, TaylorGLOLoss
-from metaloss.meta.optimizer import HyperparameterOptimizer, MetaSGD, MLPUpdateRule, WarpPreconditioner
+from metaloss.meta.optimizer import (
+    HyperparameterOptimizer,
+    MetaSGD,
+    MLPUpdateRule,
+    PerStepSGD,
+    WarpPreconditioner,
+)
 from metaloss.meta.regularizer import L2Penalty, Proximal
 
 __all__ = [
@@ -11,6 +17,7 @@ __all__ = [
     "L2Penalty",
     "LearnedInit",
     "MetaSGD",
+    "PerStepSGD",
     "MLPUpdateRule",
     "ML3Loss",
     "ML3RegressionLoss",

@@ -63,6 +63,38 @@ class MetaSGD(nn.Module):
         return OPTIMIZERS["sgd"](lr={name: self.lrs[_key(name)] for name in self.names})
 
 
+class PerStepSGD(nn.Module):
+    """MAML++'s learned per-layer per-step learning rates (LSLR; Antoniou et al. 2019, "How to train
+    your MAML"): SGD whose step t moves each parameter tensor n by its own learned rate,
+
+        w_n <- w_n - alpha_n[min(t, steps - 1)] grad_n,    alpha_n: [steps], a meta-parameter,
+
+    so the rates of the first and the later inner steps, and of every layer, are meta-learned apart.
+    Steps beyond `steps` (e.g. a longer meta-test) take the last step's rates. The step count is the
+    optimizer state."""
+
+    def __init__(self, model: nn.Module, steps: int = 1, lr: float = 0.01) -> None:
+        super().__init__()
+        if steps < 1 or lr < 0:
+            raise ConfigError(f"per-step learning rates need steps >= 1 and lr >= 0, got {steps} and {lr}")
+        self.names, self.steps = [name for name, _ in model.named_parameters()], int(steps)
+        self.lrs = nn.ParameterDict({_key(name): nn.Parameter(torch.full((self.steps,), float(lr)))
+                                     for name in self.names})  # fmt: skip
+
+    def forward(self) -> InnerOptimizer:
+        rates = {name: self.lrs[_key(name)] for name in self.names}
+        last = self.steps - 1
+
+        def init(params: dict) -> dict:
+            return {"t": 0}
+
+        def update(grads: dict, state: dict, params: dict) -> tuple[dict, dict]:
+            t = min(int(state["t"]), last)
+            return {n: w - rates[n][t] * grads[n] for n, w in params.items()}, {"t": int(state["t"]) + 1}
+
+        return InnerOptimizer(init, update)
+
+
 class WarpPreconditioner(nn.Module):
     """NPBML's learned preconditioner (Raymond et al. 2024, "Meta-Learning Neural Procedural
     Biases", after Meta-Curvature, Park & Oliva 2019, and the warp layers of WarpGrad, Flennerhag

@@ -14,7 +14,7 @@ from metaloss.meta import Proximal
 STEPS = 10
 
 
-@pytest.mark.parametrize("inner_opt", ["sgd", "sgd_learned_lr", "momentum_learned", "adam_learned", "metasgd"])
+@pytest.mark.parametrize("inner_opt", ["sgd", "sgd_learned_lr", "momentum_learned", "adam_learned", "metasgd", "lslr"])
 @pytest.mark.parametrize("segment", [1, 3, 4, None, 10, 25])
 def test_equals_the_plain_unroll(inner_opt: str, segment: int | None) -> None:
     problem, episodes = make_problem(inner_opt, steps=STEPS), make_episodes(2)

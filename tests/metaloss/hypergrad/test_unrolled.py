@@ -12,7 +12,7 @@ from torch.func import functional_call
 from metaloss.errors import ConfigError
 from metaloss.hypergrad import Unrolled
 from metaloss.losses import mse
-from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD
+from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD, PerStepSGD
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode
 
@@ -57,6 +57,11 @@ def make_problem(inner_opt: str = "sgd", adapt=None, steps: int = T) -> BilevelP
         with torch.no_grad():  # distinct learning rates per element
             for p in opt.parameters():
                 p.uniform_(0.1, 0.5)
+    elif inner_opt == "lslr":  # MAML++'s per-layer per-step rates, learned for 2 steps (later steps: the last)
+        opt = PerStepSGD(model, steps=2, lr=0.3)
+        with torch.no_grad():
+            for p in opt.parameters():
+                p.uniform_(0.1, 0.5)
     else:
         raise ValueError(inner_opt)
     return BilevelProblem(model, LearnedInit(model), opt.double(), mse, mse, steps, adapt=adapt)
@@ -95,7 +100,7 @@ def assert_grads_close(actual, expected, rtol: float = 1e-6, atol: float = 1e-9)
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("inner_opt", ["sgd", "sgd_learned_lr", "momentum_learned", "adam_learned", "metasgd"])
+@pytest.mark.parametrize("inner_opt", ["sgd", "sgd_learned_lr", "momentum_learned", "adam_learned", "metasgd", "lslr"])
 def test_full_unroll_matches_finite_differences(inner_opt: str) -> None:
     problem, episodes = make_problem(inner_opt), make_episodes()
     out = Unrolled("full").estimate(problem, episodes)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from metaloss.errors import ConfigError
-from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD
+from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD, PerStepSGD
 
 
 def test_fixed_hyperparameters_are_not_meta_parameters() -> None:
@@ -53,6 +53,25 @@ def test_metasgd_has_one_rate_per_element() -> None:
     assert new["weight"][1, 1].item() == pytest.approx(params["weight"][1, 1].item() - 0.05)
     with pytest.raises(ConfigError):
         MetaSGD(model, lr=-1.0)
+
+
+def test_per_step_rates_move_each_tensor_by_its_own_rate_of_the_step() -> None:
+    model = nn.Linear(3, 2)
+    opt = PerStepSGD(model, steps=2, lr=0.05)
+    assert sorted(tuple(p.shape) for p in opt.parameters()) == [(2,), (2,)]  # per tensor, per step
+    with torch.no_grad():
+        opt.lrs["weight"].copy_(torch.tensor([1.0, 2.0]))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    grads = {n: torch.ones_like(p) for n, p in params.items()}
+    inner = opt()
+    state = inner.init(params)
+    for t, rate in enumerate([1.0, 2.0, 2.0]):  # after the learned steps: the last step's rate
+        new, state = inner.update(grads, state, params)
+        torch.testing.assert_close(new["weight"], params["weight"] - rate)
+        torch.testing.assert_close(new["bias"], params["bias"] - 0.05)
+        assert state == {"t": t + 1}
+    with pytest.raises(ConfigError):
+        PerStepSGD(model, steps=0)
 
 
 def test_learned_init_returns_the_models_own_parameters() -> None:
