@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ class FewShotSampler:
     groups: class id -> group (e.g. Omniglot's alphabet): every episode first draws one group among
     those with at least n_way classes, then its n_way classes within it (Lake et al. 2015's
     within-alphabet one-shot runs); None: the classes of an episode come from anywhere.
+    augment: applied to the episode's images with the episode's generator (e.g. `tasks.augment.RandomAffine`).
     Support tensors are class-major: [n_way * k_shot, *shape].
     """
 
@@ -49,6 +50,7 @@ class FewShotSampler:
         seed: int = 0,
         split: str = "train",
         groups: Mapping[int, str] | None = None,
+        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     ) -> None:
         if n_way < 1 or k_shot < 1 or q_query < 0:
             raise ConfigError(f"need n_way >= 1, k_shot >= 1, q_query >= 0; got {n_way}, {k_shot}, {q_query}")
@@ -71,6 +73,7 @@ class FewShotSampler:
             raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.n_way, self.k_shot, self.q_query, self.seed = n_way, k_shot, q_query, seed
         self.stream = SPLITS.index(split)  # train / val / test draw from independent streams
+        self.augment = augment
         self.groups: list[list[int]] | None = None  # per eligible group: positions in self.classes
         if groups is not None:
             members: dict[str, list[int]] = {}
@@ -100,10 +103,13 @@ class FewShotSampler:
             support.append(picked[: self.k_shot])
             query.append(picked[self.k_shot :])
         labels = torch.arange(self.n_way)
+        support_x, query_x = self._images(torch.cat(support)), self._images(torch.cat(query))
+        if self.augment is not None:
+            support_x, query_x = self.augment(support_x, g), self.augment(query_x, g)
         return Episode(
-            support_x=self._images(torch.cat(support)),  # [n_way * k_shot, *shape]
+            support_x=support_x,  # [n_way * k_shot, *shape]
             support_y=labels.repeat_interleave(self.k_shot),  # [n_way * k_shot]
-            query_x=self._images(torch.cat(query)),  # [n_way * q_query, *shape]
+            query_x=query_x,  # [n_way * q_query, *shape]
             query_y=labels.repeat_interleave(self.q_query),  # [n_way * q_query]
             meta={"classes": [self.classes[c] for c in chosen.tolist()]},
         )

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError, DataNotFoundError
+from tasks.augment import RandomAffine
 from tasks.base import TaskSplits
 from tasks.datasets.common import cache_file, cached_arrays, download, file_digest, user_cache_dir
 from tasks.few_shot import FewShotSampler
@@ -405,6 +406,7 @@ def omniglot_task(
     base_url: str = OFFICIAL_URL,
     within_alphabet: bool = False,
     val_characters: float = 0.0,
+    affine: Mapping[str, float] | None = None,
 ) -> TaskSplits:
     """N-way K-shot Omniglot episodes with train / val / test split by alphabet (Lake et al. 2015
     data; Vinyals et al. 2016 / Finn et al. 2017 episodes).
@@ -423,6 +425,9 @@ def omniglot_task(
     val_characters: a fraction of every training alphabet's characters (drawn with the seed) held out
     of training and added to the validation split, e.g. for a final run on every alphabet
     (`val_alphabets=[] test_alphabets=[] val_characters=0.2`).
+    affine: small random affine transforms of the training images, fresh in every episode (the
+    arguments of `tasks.augment.RandomAffine`, e.g. {degrees: 10, shear: 10, scale: 0.1, translate: 0.1});
+    None: none.
     """
     if not 0.0 <= val_characters < 1.0:
         raise ConfigError(f"val_characters must be a fraction in [0, 1), got {val_characters}")
@@ -455,7 +460,8 @@ def omniglot_task(
             images, labels = rotate_classes(images[keep], labels[keep], len(data.characters))
             classes = sorted(set(labels.tolist()))
         groups = {c: data.alphabet[c] for c in classes} if within_alphabet and name != "train" else None
-        samplers[name] = FewShotSampler(images, labels, classes, n_way, k_shot, q_query, seed, name, groups)
+        augment = RandomAffine(**affine) if affine is not None and name == "train" else None
+        samplers[name] = FewShotSampler(images, labels, classes, n_way, k_shot, q_query, seed, name, groups, augment)
     return TaskSplits(samplers["train"], samplers["val"], samplers["test"], loss="cross_entropy", metric="accuracy")
 
 

@@ -492,3 +492,14 @@ def test_fixture_file_ids_are_shared_by_identical_characters(omniglot_root):
         greek = sorted(n.split("/", 1)[1] for n in a.namelist() if "/Greek/" in n)
         assert greek == sorted(n.split("/", 1)[1] for n in b.namelist() if "/Greek/" in n)
     assert f"Greek/character01/{omniglot_file_id('Greek', 'character01')}_01.png" in greek
+
+
+def test_affine_augmentation_changes_the_training_images_only(omniglot_root, tmp_path):
+    common = {"n_way": 2, "k_shot": 1, "q_query": 1, "seed": 4, "cache_dir": str(tmp_path / "c")}
+    plain = omniglot_task(str(omniglot_root), **common)
+    moved = omniglot_task(str(omniglot_root), affine={"degrees": 15, "shear": 10, "scale": 0.1, "translate": 0.1},
+                          **common)  # fmt: skip
+    a, b = plain.train.episode(3), moved.train.episode(3)
+    assert a.meta == b.meta and torch.equal(a.support_y, b.support_y)  # the same characters and draws
+    assert not torch.equal(a.support_x, b.support_x) and torch.equal(b.support_x, moved.train.episode(3).support_x)
+    assert torch.equal(plain.test.episode(0).query_x, moved.test.episode(0).query_x)  # evaluation untouched
