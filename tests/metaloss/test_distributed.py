@@ -120,7 +120,8 @@ def test_one_rank_outside_torchrun_and_bad_settings(monkeypatch):
 
 def test_a_slurm_job_of_several_tasks_gets_torch_distributed_variables(monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what the export writes is undone after the test
+        monkeypatch.delenv(key)
     assert not export_slurm_environment()  # not a SLURM job
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
              "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_NODEID": "1"}
@@ -129,3 +130,8 @@ def test_a_slurm_job_of_several_tasks_gets_torch_distributed_variables(monkeypat
     assert export_slurm_environment()
     assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == ["3", "4", "1", "node07"]
     assert not export_slurm_environment()  # already set: left alone
+
+
+def test_the_slurm_export_left_no_torch_variables_behind():
+    """Runs after the test above (file order): later subprocesses must not believe they are rank 3 of 4."""
+    assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
