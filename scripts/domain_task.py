@@ -24,6 +24,8 @@ from torch import Tensor
 
 from metaloss.errors import ConfigError
 from metaloss.functional import forward
+from metaloss.inner.loop import run_inner_loop
+from metaloss.inner.optim import sgd
 from metaloss.losses import cross_entropy, entropy
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode
@@ -46,14 +48,12 @@ def fine_tune(model: torch.nn.Module, params: dict[str, Tensor], names: list[str
               loss: Callable[[Tensor, Tensor], Tensor], steps: int, lr: float) -> dict[str, Tensor]:  # fmt: skip
     """`steps` plain SGD steps of size `lr` on loss(model(x), y), on the parameters called `names` only:
     w <- w - lr grad_w loss. Returns new (detached) parameters; `params` is untouched."""
-    params = {n: p.detach() for n, p in params.items()}
-    for _ in range(steps):
-        with torch.enable_grad():
-            trainable = {n: params[n].clone().requires_grad_() for n in names}
-            value = loss(forward(model, {**params, **trainable}, x), y)
-            grads = torch.autograd.grad(value, list(trainable.values()))
-        params.update({n: (w - lr * g).detach() for (n, w), g in zip(trainable.items(), grads)})
-    return params
+    fixed = {n: p.detach() for n, p in params.items() if n not in names}
+    start = {n: params[n].detach() for n in names}
+    with torch.enable_grad():  # the one inner loop, first order, nothing tracked
+        result = run_inner_loop(start, lambda w, t: loss(forward(model, {**fixed, **w}, x), y), sgd(lr), steps,
+                                second_order=False, differentiable_steps=0)  # fmt: skip
+    return {**fixed, **{n: w.detach() for n, w in result.params.items()}}
 
 
 NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -110,10 +110,9 @@ class DomainRun:
             self.problem.inner_batch_size, self.problem.shuffle_seed = saved
         return {n: p.detach() for n, p in params.items()}
 
-    def scores(self, params: dict[str, Tensor] | None = None) -> dict[str, float]:
-        """Accuracy on each source domain's validation part, their mean, the test domain (whole) and the
-        oracle's two parts of it (of `model()` unless `params` are given)."""
-        params = self.model() if params is None else params
+    def scores(self, params: dict[str, Tensor]) -> dict[str, float]:
+        """Accuracy of the model `params` (from `model()`) on each source domain's validation part, their
+        mean, the test domain (whole) and the oracle's two parts of it."""
         split, out = self.task.split, {}
         for name, (x, y) in zip(split.source_names, split.val):
             out[f"val_accuracy/{name}"] = accuracy(self.problem, params, x, y)

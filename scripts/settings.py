@@ -20,6 +20,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metaloss.distributed import BACKENDS
+from metaloss.engine import SPLITS
 from metaloss.errors import ConfigError
 
 # Optional[...] / Union[...] (not "X | None") so that OmegaConf can read the annotations on Python 3.10
@@ -192,10 +194,9 @@ def validate_meta_train(cfg: DictConfig) -> MetaTrainSettings:
         _require(b.steps >= 0 and b.tasks_per_step >= 1 and b.lr > 0,
                  "baseline.steps must be >= 0, baseline.tasks_per_step >= 1 and baseline.lr > 0")  # fmt: skip
     d = s.distributed
-    _require(d.backend in ("auto", "gloo", "nccl"), f"distributed.backend must be auto, gloo or nccl, got "
-             f"{d.backend!r}")  # fmt: skip
+    _require(d.backend in BACKENDS, f"distributed.backend must be one of {BACKENDS}, got {d.backend!r}")
     _require(d.timeout_s > 0, f"distributed.timeout_s must be > 0, got {d.timeout_s}")
-    _require(d.split in ("tasks", "particles"), f"distributed.split must be tasks or particles, got {d.split!r}")
+    _require(d.split in SPLITS, f"distributed.split must be one of {SPLITS}, got {d.split!r}")
     check_episodes(cfg)
     for group in ("task", "model", "init", "inner_loss", "inner_opt", "hypergrad", "outer_opt", "logger"):
         if group in cfg and isinstance(cfg[group], DictConfig):

@@ -445,9 +445,9 @@ def omniglot_task(
         rng = np.random.default_rng(seed)
         for name in split["train"]:
             own = np.flatnonzero(alphabet == name)
-            held = sorted(rng.choice(own, size=int(round(len(own) * val_characters)), replace=False).tolist())
-            members["train"] = [c for c in members["train"] if c not in set(held)]
-            members["val"] = sorted(members["val"] + held)
+            held = set(rng.choice(own, size=int(round(len(own) * val_characters)), replace=False).tolist())
+            members["train"] = [c for c in members["train"] if c not in held]
+            members["val"] = sorted(members["val"] + list(held))
     samplers: dict[str, FewShotSampler | None] = {}
     for name in split:
         classes = members[name]
