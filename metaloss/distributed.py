@@ -13,6 +13,14 @@ all-reduced here instead. An estimator whose noise is drawn per task (the episod
 the meta-batch position of its first episode (`HypergradEstimator.task_offset`), so its noise does
 not depend on the number of ranks.
 
+The online regime (one training run, `metaloss.lookahead.LookaheadTraining`) is data-parallel
+instead (split "rows", `BilevelProblem.data_parallel`): each minibatch of B rows of the run and each
+meta batch of m rows of a look-ahead are split over the ranks. Rank r's share of the inner loss is
+(B_r / B) L_r, the inner gradient is the sum of the shares' gradients over the ranks (`sum_tensors`,
+differentiable inside a look-ahead, so its graph spans the ranks), and rank r's meta loss is
+W (m_r / m) L_meta,r, so that the plain mean over ranks of the phi-gradients (`reduce` with one
+"task" per rank) is the single-process meta-gradient.
+
 Launch: `torchrun --nproc_per_node=N scripts/meta_train.py ...` (several nodes through its rendezvous),
 or SLURM through Hydra's submitit launcher (`-m hydra/launcher=slurm`, one SLURM task per rank: the
 ranks are read from SLURM's environment with submitit's helper). Without either (no WORLD_SIZE in
@@ -87,6 +95,24 @@ class Distributed:
             grads.append(piece if seen > 0 else None)
         metrics = {k: float(v) for k, v in zip(names, values.tolist())}
         return HypergradOut(grads=grads, outer_loss=float(packed[1]) / total, metrics=metrics)
+
+    def sum_tensors(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """sum_r tensors_r, elementwise over the ranks, as one collective (the data-parallel inner
+        gradient, `BilevelProblem.data_parallel`). Differentiable where the tensors carry a graph:
+        the backward of a sum over ranks is the sum over ranks of the incoming gradients
+        (the functional collective's registered backward), so a look-ahead through a data-parallel
+        step backpropagates into every rank's share of the step."""
+        if not self.enabled or not tensors:
+            return list(tensors)
+        flat = torch.cat([t.reshape(-1) for t in tensors])  # [sum of numels]
+        if flat.requires_grad:
+            from torch.distributed import _functional_collectives as collectives
+
+            flat = collectives.wait_tensor(collectives.all_reduce(flat, "sum", dist.group.WORLD))  # a plain tensor
+        else:
+            flat = flat.clone()
+            dist.all_reduce(flat)
+        return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
     def gather(self, items: list[Any]) -> list[Any]:
         """Every rank's `items` (picklable), concatenated in rank order, on every rank."""

@@ -21,7 +21,7 @@ from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut, Params, TaskSampler, sample_episodes
 
-SPLITS = ("tasks", "particles")  # what a distributed run splits over its ranks
+SPLITS = ("auto", "tasks", "particles", "rows")  # what a distributed run splits over its ranks
 
 
 class NonFiniteError(RuntimeError):
@@ -63,7 +63,9 @@ class MetaTrainer:
     `NonFiniteError`. With `distributed` (several ranks, `metaloss.distributed`), each rank samples
     and estimates its share of every meta-batch and the estimates are averaged over all the tasks
     before the outer step, so every rank applies the single-process update; `split="particles"`
-    (antithetic ES) gives every rank every task and a share of the perturbation pairs instead."""
+    (antithetic ES) gives every rank every task and a share of the perturbation pairs instead, and
+    `split="rows"` (the online regime, no sampler; "auto" picks it there) makes the one training run
+    data-parallel (`BilevelProblem.data_parallel`)."""
 
     def __init__(
         self,
@@ -82,13 +84,18 @@ class MetaTrainer:
         if meta_batch < 1 or max_bad_steps < 1:
             raise ConfigError(f"need meta_batch >= 1 and max_bad_steps >= 1, got {meta_batch} and {max_bad_steps}")
         self.distributed = distributed or Distributed()
-        if self.distributed.enabled and sampler is None:
-            raise ConfigError("distributed meta-training splits the episodes of each meta-batch over the ranks; the "
-                              "online regime (no episodes) runs in one process for now")  # fmt: skip
         world = self.distributed.world_size
         if split not in SPLITS:
             raise ConfigError(f"distributed.split must be one of {SPLITS}, got {split!r}")
+        if split == "auto":  # episodes over the ranks; the online regime (one training run): its rows
+            split = "tasks" if sampler is not None else "rows"
+        if self.distributed.enabled and (split == "rows") != (sampler is None):
+            raise ConfigError("distributed.split=rows is for the online regime (one data-parallel training run, no "
+                              "episodes); episodic meta-training splits tasks or particles")  # fmt: skip
+        if split == "rows" and self.distributed.enabled:  # every rank a share of every batch's rows
+            problem.data_parallel = self.distributed
         self.problem, self.estimator, self.outer_opt, self.sampler = problem, estimator, outer_opt, sampler
+        self.split = split
         self.meta_batch, self.device, self.dtype, self.max_bad_steps = meta_batch, device, dtype, max_bad_steps
         self.shard, self.particles = (0, meta_batch), 0  # this rank's episodes [start, stop) of each meta-batch
         if split == "particles" and self.distributed.enabled:  # every rank runs every task, a share of the pairs
@@ -97,7 +104,7 @@ class MetaTrainer:
                                   f"pairs (one per rank)")  # fmt: skip
             estimator.particle_range = self.distributed.shard(estimator.particles)
             self.particles = estimator.particle_range[1] - estimator.particle_range[0]
-        elif self.distributed.enabled:
+        elif self.distributed.enabled and split == "tasks":
             if meta_batch < world:
                 raise ConfigError(f"train.meta_batch ({meta_batch}) must be at least the number of ranks ({world}): "
                                   "every rank runs its share of the tasks")  # fmt: skip
@@ -131,7 +138,9 @@ class MetaTrainer:
         report their mean metrics and their count as `outer_updates`."""
         outs = []
         for out in self.estimator.updates(self.problem, episodes):
-            count = self.particles or len(episodes)  # what this rank's estimate is the mean over
+            # what this rank's estimate is the mean over (rows: 1, a share scaled so that the plain mean
+            # over the ranks is the estimate, `metaloss.distributed`)
+            count = 1 if self.split == "rows" else self.particles or len(episodes)
             out = self.distributed.reduce(out, count, self.problem.meta_parameters())
             first = self.run.outer_updates + self.run.skipped_updates == 0
             if first and out.grads and all(g is None for g in out.grads):

@@ -59,6 +59,32 @@ class Lookahead:
     meta: Episode
 
 
+def check_data_parallel(problem: BilevelProblem, episode: Episode, meta_batch_size: int | None,
+                        meta_source: str) -> None:
+    """What a data-parallel training run (`BilevelProblem.data_parallel`) needs: an inner loss that is
+    a mean of per-row terms, so that the shares of the ranks' rows add up to it (not L2RW's free
+    weights of batch positions, weights normalised over the batch, or a weighter that runs the model
+    itself), no BatchNorm (its batch statistics are not synchronised over the ranks), meta batches
+    drawn from the clean meta set, and at least one row per rank in every batch."""
+    world = problem.data_parallel.world_size if problem.data_parallel is not None else 1
+    loss = problem.inner_loss
+    weighter = getattr(loss, "weighter", None)
+    if getattr(loss, "normalize", False) or getattr(weighter, "depends_on_sample", True) is False or getattr(
+            weighter, "needs_context", False):  # fmt: skip
+        raise ConfigError("a data-parallel run needs an inner loss that is a mean over rows; weights normalised "
+                          "over a batch, L2RW's per-position weights and the self-taught rescaler run in one "
+                          "process")  # fmt: skip
+    if meta_source != "meta":
+        raise ConfigError("a data-parallel run draws its meta batches from the clean meta set (meta_source=meta)")
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in problem.model.modules()):
+        raise ConfigError("a data-parallel run does not synchronise BatchNorm statistics over the ranks: use a model "
+                          "without BatchNorm, or one process")  # fmt: skip
+    meta = len(episode.query_x) if meta_batch_size is None else min(meta_batch_size, len(episode.query_x))
+    if (problem.inner_batch_size or 0) < world or meta < world:
+        raise ConfigError(f"a data-parallel run over {world} ranks needs batches of at least {world} rows, got "
+                          f"{problem.inner_batch_size} training and {meta} meta rows")  # fmt: skip
+
+
 def meta_rows(seed: int, t: int, n: int, size: int | None, stream: int = 7) -> Tensor:
     """The meta batch of the truncation that starts at step t: `size` rows of n, drawn from (seed, t,
     stream) (None: all n rows)."""
@@ -92,6 +118,8 @@ class LookaheadTraining:
         self.problem, self.episode, self.horizon = problem, episode, horizon
         self.meta_batch_size, self.seed, self.real_step = meta_batch_size, seed, real_step
         self.meta_source, self.select_factor = meta_source, select_factor
+        if problem.data_parallel is not None and problem.data_parallel.enabled:
+            check_data_parallel(problem, episode, meta_batch_size, meta_source)
 
     def init(self, particles: int) -> State:
         """Every particle at w0 (the problem's initialisation, detached) with a fresh optimizer state."""
@@ -122,10 +150,11 @@ class LookaheadTraining:
         state = self._real_steps(state, phi)
         t, losses, particles = state["t"], [], []
         meta = self._meta_batch(t, state["particles"][0][0])
+        share = self._meta_share(meta)
         for i, (params, opt_state) in enumerate(state["particles"]):
             problem = self.problem.with_meta_parameters([p[i] for p in phi]) if phi else self.problem
             result = self._advance(problem, detach_params(params), tree_detach(opt_state), t, steps, graph=True)
-            losses.append(self.meta_loss(problem, result.params, meta))
+            losses.append(self.meta_loss(problem, result.params, meta) * share)
             carried = (params, opt_state) if self.real_step == "after_update" else (
                 detach_params(result.params), tree_detach(result.opt_state))  # fmt: skip
             particles.append(carried)
@@ -138,8 +167,9 @@ class LookaheadTraining:
         with `problem`'s phi."""
         _, frozen = problem.initial_params(self.episode)
         loss = problem.query_loss({**detach_params(frozen), **params}, meta)[0]
-        if hasattr(problem.inner_loss, "outer_terms"):
-            loss = loss + self.call_inner_loss(problem, "outer_terms", meta.query_x, meta.query_y)
+        if hasattr(problem.inner_loss, "outer_terms"):  # first_row: where a rank's share starts in the batch
+            loss = loss + self.call_inner_loss(problem, "outer_terms", meta.query_x, meta.query_y,
+                                               meta.meta.get("first_row", 0))  # fmt: skip
         return loss
 
     @staticmethod
@@ -160,6 +190,8 @@ class LookaheadTraining:
         recorded, for an estimator that differentiates each step on its own (`IdentityHessian`)."""
         if len(state["particles"]) != 1:
             raise ConfigError("a recorded look-ahead runs one particle")
+        if self.problem.data_parallel is not None and self.problem.data_parallel.enabled:
+            raise ConfigError("a recorded look-ahead (identity_hessian, mpl_feedback) runs in one process")
         state = self._real_steps(state, phi)
         t, (params, opt_state) = state["t"], state["particles"][0]
         problem = self.problem.with_meta_parameters([p[0] for p in phi]) if phi else self.problem
@@ -194,7 +226,11 @@ class LookaheadTraining:
         e = self.episode
         if self.meta_source == "meta":
             rows = meta_rows(self.seed, t, len(e.query_x), self.meta_batch_size)
-            return Episode(e.support_x, e.support_y, e.query_x[rows], e.query_y[rows])
+            start = 0
+            if self.problem.data_parallel is not None and self.problem.data_parallel.enabled:
+                start, stop = self.problem.data_parallel.shard(len(rows))
+                rows = rows[start:stop]  # this rank's m_r of the m rows
+            return Episode(e.support_x, e.support_y, e.query_x[rows], e.query_y[rows], {"first_row": start})
         assert self.meta_batch_size is not None
         candidates = meta_rows(self.seed, t, len(e.support_x), self.meta_batch_size * self.select_factor, stream=8)
         x, y = e.support_x[candidates], e.support_y[candidates]
@@ -206,6 +242,16 @@ class LookaheadTraining:
             weights = self.problem.inner_loss.weights(logits, y, context)  # [k * m]
         keep = candidates[weights.topk(self.meta_batch_size).indices]
         return Episode(e.support_x, e.support_y, e.support_x[keep], e.support_y[keep])
+
+    def _meta_share(self, meta: Episode) -> float:
+        """The factor of this rank's meta loss in a data-parallel run, W m_r / m (the mean over the ranks
+        of the shares' phi-gradients is then the meta-gradient of the whole meta batch); 1 in one
+        process."""
+        parallel = self.problem.data_parallel
+        if parallel is None or not parallel.enabled:
+            return 1.0
+        total = self.meta_batch_size if self.meta_batch_size is not None else len(self.episode.query_x)
+        return parallel.world_size * len(meta.query_x) / min(total, len(self.episode.query_x))
 
     def finish(self, state: State, phi: Sequence[Tensor]) -> Params:
         """The trained model's parameters (particle 0) after the pending real steps, taken with phi."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from metaloss.functional import forward
 from metaloss.inner.loop import InnerResult, run_inner_loop
 from metaloss.inner.optim import InnerOptimizer
 from metaloss.types import Episode, LossContext, Params
+
+if TYPE_CHECKING:
+    from metaloss.distributed import Distributed
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 META_OBJECTIVES = ("query", "inner_mean", "target_params")
@@ -53,7 +56,11 @@ class BilevelProblem:
     MLDG (Li et al. 2018) minimises F(theta) + beta G(theta - alpha F'(theta)), F on the meta-train
     domains (the support set) and G on the meta-test domains (the query set), which is beta times the
     objective G + F / beta, so lambda = 1 / beta (MLDG's and DomainBed's beta = 1: lambda = 1); 0: not
-    added."""
+    added;
+    data_parallel: a `Distributed` of several ranks, for a data-parallel training run (the online
+    regime): each minibatch's rows are split over the ranks, this rank's inner loss is its share
+    (B_r / B) L_inner on its rows, and the inner gradient is summed over the ranks at every step
+    (`metaloss.distributed`); None: one process."""
 
     model: nn.Module
     init: nn.Module
@@ -70,6 +77,7 @@ class BilevelProblem:
     reuse_features: bool = True
     shuffle_seed: int | None = None
     support_weight: float = 0.0
+    data_parallel: Distributed | None = None
 
     def __post_init__(self) -> None:
         self._permutation: tuple[tuple[int, int], Tensor] | None = None  # the current epoch's, cached
@@ -221,6 +229,10 @@ class BilevelProblem:
         `inner_opt()`) -> `run_inner_loop` for `steps` steps from `params` (w0 itself, or a state
         carried from an earlier segment with `opt_state` and `first_step` in `loop`)."""
         objective = self.inner_objective(episode, w0, frozen)  # fresh: a segment's backward frees its graph
+        if self.data_parallel is not None and self.data_parallel.enabled:
+            if self.inner_batch_size is None:
+                raise ConfigError("a data-parallel inner loop splits minibatches over the ranks: set inner_batch_size")
+            loop["reduce_grads"] = self.data_parallel.sum_tensors
         return run_inner_loop(params, objective, self.inner_opt() if optimizer is None else optimizer, steps, **loop)
 
     def inner_objective(self, episode: Episode, w0: Params, frozen: Params) -> Callable[[Params, int], Tensor]:
@@ -236,13 +248,17 @@ class BilevelProblem:
 
         def support_loss(params: Params, t: int | None = None) -> Tensor:
             x, y = episode.support_x, episode.support_y
+            share = 1.0
             if self.inner_batch_size is not None and t is not None:
                 rows = self.batch_rows(t, len(x))
-                x, y = x[rows], y[rows]  # [B, ...]
+                if self.data_parallel is not None and self.data_parallel.enabled:
+                    start, stop = self.data_parallel.shard(len(rows))
+                    rows, share = rows[start:stop], (stop - start) / len(rows)  # this rank's B_r of B rows
+                x, y = x[rows], y[rows]  # [B, ...] ([B_r, ...])
             loss = self._inner_loss(self.predict({**frozen, **params}, x), y, x, params, frozen, t, episode)
             if self.inner_regularizer is not None:
                 loss = loss + self.inner_regularizer(params, w0)
-            return loss
+            return loss * share if share != 1.0 else loss
 
         return support_loss
 

@@ -41,7 +41,7 @@ from online_task import OnlineTaskRun, save_weight_histogram  # noqa: E402
 from settings import validate_meta_train  # noqa: E402
 
 from metaloss.baselines import train_jointly  # noqa: E402
-from metaloss.distributed import init_distributed  # noqa: E402
+from metaloss.distributed import Distributed, init_distributed  # noqa: E402
 from metaloss.engine import MetaTrainer, evaluate  # noqa: E402
 from metaloss.errors import ConfigError  # noqa: E402
 from metaloss.io import FAMILIES, save_meta_object  # noqa: E402
@@ -70,11 +70,12 @@ def main(cfg: DictConfig) -> None:
                              extra={"choices": group_choices})  # fmt: skip
     with config_errors():
         built = build(cfg)
-        if dist.enabled and (getattr(built.splits, "online", False) or getattr(built.splits, "domains", False)):
-            raise ConfigError("distributed runs (torchrun) split the episodes of a meta-batch over the ranks; the "
-                              "noisy-label and domain tasks run in one process for now")  # fmt: skip
+        if dist.enabled and getattr(built.splits, "domains", False):
+            raise ConfigError("distributed runs (torchrun) split the episodes of a meta-batch, or the rows of a "
+                              "noisy-label training run, over the ranks; the domain tasks run in one process for "
+                              "now")  # fmt: skip
     if getattr(built.splits, "online", False):  # a noisy-label training run: the online regime
-        train_online(cfg, settings, run_dir, directory, built, group_choices, started)
+        train_online(cfg, settings, run_dir, directory, built, group_choices, started, dist)
         return
     if getattr(built.splits, "domains", False):  # domain generalisation: episodes of the source domains
         train_domains(cfg, settings, run_dir, directory, built, group_choices, started)
@@ -176,25 +177,33 @@ def main(cfg: DictConfig) -> None:
 
 
 def train_online(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunDirectory, built: Any,
-                 choices: dict[str, str], started: float) -> None:  # fmt: skip
+                 choices: dict[str, str], started: float, dist: Distributed) -> None:  # fmt: skip
     """One model trained on a noisy-label task while phi learns from look-aheads (scripts/online_task.py);
-    metrics.json holds the trained model's final test accuracy."""
+    metrics.json holds the trained model's final test accuracy. Under torchrun the run is data-parallel
+    (every batch's rows split over the ranks); rank 0 logs, evaluates and writes."""
     task = built.splits
     with config_errors():
         outer_opt = built.outer_opt or torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=0.0)  # no phi
         run = OnlineTaskRun(task, built.problem, built.estimator, outer_opt, settings.seed,
-                            settings.train.max_bad_steps)  # fmt: skip
-        directory.open(run.trainer, run.meta_steps, unit="look-ahead")
+                            settings.train.max_bad_steps, dist, settings.distributed.split)  # fmt: skip
+        if dist.is_main:
+            directory.open(run.trainer, run.meta_steps, unit="look-ahead")
+        if dist.enabled:  # every rank starts from rank 0's state (fresh or resumed)
+            state, directory.resumed_from = dist.broadcast((run.trainer.state_dict(), directory.resumed_from))
+            run.trainer.load_state_dict(state)
         with output_errors(run_dir):
-            logger = instantiate(cfg.logger, purge_step=directory.resumed_from)
+            logger = instantiate(cfg.logger, purge_step=directory.resumed_from) if dist.is_main else NullLogger()
     if run.state() is not None:  # resumed: the epochs already logged are not logged again
         run.epochs_logged = run.state()["t"] // task.steps_per_epoch
     directory.train(run.trainer, run.meta_steps, logger, "lower outer_opt.lr or inner_opt.lr",
-                    log_every=settings.train.log_every, progress=settings.progress,
+                    log_every=settings.train.log_every, progress=settings.progress and dist.is_main,
                     checkpoint_every=settings.train.checkpoint_every,
-                    after_step=lambda trainer: run.after_step(logger, trainer))  # fmt: skip
+                    after_step=(lambda trainer: run.after_step(logger, trainer)) if dist.is_main else None)  # fmt: skip
     train_seconds = time.time() - started
-    final, weights = run.finish()
+    final, weights = run.finish()  # the pending real steps: every rank takes its share
+    dist.close()
+    if not dist.is_main:
+        return
     logger.log(task.epochs, final, prefix="final/")
     saved = []
     with output_errors(run_dir):
@@ -214,6 +223,7 @@ def train_online(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunDi
         **({"noise": dict(cfg.task.noise), "meta_per_class": cfg.task.meta_per_class} if "noise" in cfg.task
            else {"labels_per_class": cfg.task.get("labels_per_class")}),
         "meta_steps": run.meta_steps,  # look-aheads, each followed by an update of phi
+        "ranks": dist.world_size,
         "outer_updates": run.trainer.run.outer_updates,
         "skipped_updates": run.trainer.run.skipped_updates,
         "resumed_from_step": directory.resumed_from,

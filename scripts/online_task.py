@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metaloss.distributed import Distributed
 from metaloss.engine import MetaTrainer
 from metaloss.errors import ConfigError
 from metaloss.functional import forward
@@ -41,6 +42,7 @@ def truncation_count(horizon: int, truncation: Any) -> int:
 def classify(problem: BilevelProblem, params: dict[str, Tensor], x: Tensor, y: Tensor, batch: int = 2000
              ) -> tuple[float, float, Tensor]:  # fmt: skip
     """Mean cross-entropy and accuracy of the model with `params` on (x, y), and the logits [N, C]."""
+    x = x.to(next(iter(params.values())).dtype) if x.is_floating_point() else x
     logits = torch.cat([forward(problem.model, params, x[i : i + batch]) for i in range(0, len(x), batch)])
     loss = torch.nn.functional.cross_entropy(logits, y).item()
     return loss, (logits.argmax(1) == y).float().mean().item(), logits
@@ -50,7 +52,7 @@ class OnlineTaskRun:
     """The pieces of one run, built from what `common.build` made of the config."""
 
     def __init__(self, task: NoisyLabelTask, problem: BilevelProblem, estimator: Any, outer_opt: Any, seed: int,
-                 max_bad_steps: int) -> None:  # fmt: skip
+                 max_bad_steps: int, distributed: Distributed | None = None, split: str = "auto") -> None:  # fmt: skip
         if not isinstance(estimator, EpisodicOnline) or estimator.kind not in LOOKAHEAD_KINDS or (
                 estimator.update == "horizon"):  # fmt: skip
             raise ConfigError("a noisy-label task runs in the online regime with truncated backpropagation or its "
@@ -64,9 +66,15 @@ class OnlineTaskRun:
         if not reads_labels and not task.data.unlabelled:
             raise ConfigError("pseudo-labelling (mpl, pseudo_label) is for tasks with unlabelled data: "
                               "task=semisup_fashion_mnist, semisup_mnist1d or semisup_digits")  # fmt: skip
+        distributed = distributed or Distributed()
+        if distributed.enabled and estimator.kind != "tbptt":
+            raise ConfigError(f"a data-parallel training run looks ahead with hypergrad.kind=tbptt; {estimator.kind} "
+                              "runs in one process")  # fmt: skip
         every = 1 if estimator.update == "truncation" else int(estimator.update)
-        episode = task.episode()
+        dtype = next(problem.model.parameters()).dtype  # the run's (dtype=float64 casts the data too)
+        episode = task.episode().to(None, dtype)
         problem.inner_batch_size, problem.shuffle_seed = task.inner_batch_size, seed
+        problem.data_parallel = distributed if distributed.enabled else None  # every batch's rows over the ranks
         self.phi = problem.meta_parameters()
         real_step = task.real_step if self.phi else "lookahead"  # nothing to update: one pass per step
         self.task, self.problem = task, problem
@@ -76,7 +84,8 @@ class OnlineTaskRun:
         truncations = truncation_count(task.horizon, self.online.lengths)
         self.updates = SystemUpdates(self.system, self.online, every, truncations)
         self.meta_steps = -(-truncations // every)
-        self.trainer = MetaTrainer(problem, self.updates, outer_opt, max_bad_steps=max_bad_steps)
+        self.trainer = MetaTrainer(problem, self.updates, outer_opt, max_bad_steps=max_bad_steps,
+                                   distributed=distributed, split=split)  # fmt: skip
         self.epochs_logged = 0
         n = min(ANALYSIS_ROWS, len(task.data.y_train))
         self.analysis = (task.data.x_train[:n], task.data.y_train[:n], task.truth.y_true[:n], task.truth.is_noisy[:n])

@@ -68,7 +68,7 @@ class BaselineSettings:
 class DistributedSettings:
     backend: str = "auto"
     timeout_s: float = 300.0
-    split: str = "tasks"
+    split: str = "auto"
 
 
 @dataclass

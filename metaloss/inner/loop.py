@@ -55,6 +55,7 @@ def run_inner_loop(
     first_step: int = 0,
     keep_loss_graph: bool = False,
     functional: bool = False,
+    reduce_grads: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> InnerResult:
     """Take `steps` steps of `optimizer` on `loss_fn`, starting from `params` (w_0, may depend on phi).
 
@@ -64,9 +65,13 @@ def run_inner_loop(
     keep_loss_graph: keep each tracked step's loss with its graph (a trajectory meta-objective
     needs it; it costs memory O(T), so it is off by default).
     functional: gradients by `torch.func.grad_and_value`, no graph kept (see the module docstring).
+    reduce_grads: applied to every step's gradients before the update, e.g. the sum over the ranks
+    of a data-parallel run (`metaloss.distributed.Distributed.sum_tensors`, differentiable).
     """
     if steps < 0:
         raise ConfigError(f"inner steps must be >= 0, got {steps}")
+    if functional and reduce_grads is not None:
+        raise ConfigError("a data-parallel inner loop runs with autograd gradients, not functional (vmapped) ones")
     if functional:
         return _functional_loop(params, loss_fn, optimizer, steps, opt_state, on_step, first_step)
     window = steps if differentiable_steps is None else differentiable_steps
@@ -87,6 +92,8 @@ def run_inner_loop(
             params = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
         loss = loss_fn(params, first_step + t)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=tracked and second_order)
+        if reduce_grads is not None:
+            grads = tuple(reduce_grads(list(grads)))
         new_params, state = optimizer.update(dict(zip(params, grads)), state, params)
         if not tracked:
             new_params, state = detach_params(new_params), tree_detach(state)

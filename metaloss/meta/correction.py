@@ -32,10 +32,11 @@ def soft_cross_entropy(logits: Tensor, q: Tensor) -> Tensor:
     return -(q * logits.log_softmax(-1)).sum(-1)
 
 
-def flipped_labels(y: Tensor, n_classes: int) -> Tensor:
-    """A different class for every row, y + 1 + (i mod (C - 1)) mod C: each wrong class equally often
-    over a batch, deterministic (EMLC's "retain" loss scores the gate on these)."""
-    offset = 1 + torch.arange(len(y), device=y.device) % (n_classes - 1)
+def flipped_labels(y: Tensor, n_classes: int, first_row: int = 0) -> Tensor:
+    """A different class for every row, y + 1 + (i mod (C - 1)) mod C with i the row's place in its
+    batch (first_row: that of y's first row, when y is a rank's share of a batch): each wrong class
+    equally often over a batch, deterministic (EMLC's "retain" loss scores the gate on these)."""
+    offset = 1 + (first_row + torch.arange(len(y), device=y.device)) % (n_classes - 1)
     return (y + offset) % n_classes
 
 
@@ -106,9 +107,9 @@ class GatedCorrector(nn.Module):
         g = torch.sigmoid(gate)[:, None]  # [B, 1]
         return g * F.one_hot(targets, self.n_classes).to(teacher.dtype) + (1 - g) * teacher.softmax(-1)
 
-    def outer_terms(self, x: Tensor, y: Tensor) -> Tensor:
+    def outer_terms(self, x: Tensor, y: Tensor, first_row: int = 0) -> Tensor:
         teacher, keep = self._parts(x, y)
-        _, drop = self._parts(x, flipped_labels(y, self.n_classes))
+        _, drop = self._parts(x, flipped_labels(y, self.n_classes, first_row))
         retain = (F.binary_cross_entropy_with_logits(keep, torch.ones_like(keep))
                   + F.binary_cross_entropy_with_logits(drop, torch.zeros_like(drop))) / 2  # fmt: skip
         return self.clean_weight * F.cross_entropy(teacher, y) + self.retain_weight * retain
@@ -135,6 +136,6 @@ class CorrectedLoss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor, context: Any = None) -> Tensor:
         return soft_cross_entropy(logits, self.corrected(logits, targets, context)).mean()
 
-    def outer_terms(self, x: Tensor, y: Tensor) -> Tensor:
+    def outer_terms(self, x: Tensor, y: Tensor, first_row: int = 0) -> Tensor:
         terms = getattr(self.corrector, "outer_terms", None)
-        return terms(x, y) if terms is not None else x.new_zeros(())
+        return terms(x, y, first_row) if terms is not None else x.new_zeros(())

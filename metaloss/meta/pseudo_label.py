@@ -81,5 +81,5 @@ class PseudoLabelLoss(nn.Module):
         """sum_i -log softmax(T(x_i))[yhat_i] over the rows of step `step` (MPL's score term)."""
         return F.cross_entropy(self.teacher_logits(x), self.pseudo_labels(x, step), reduction="sum")
 
-    def outer_terms(self, x: Tensor, y: Tensor) -> Tensor:
+    def outer_terms(self, x: Tensor, y: Tensor, first_row: int = 0) -> Tensor:
         return self.supervised_weight * F.cross_entropy(self.teacher_logits(x), y)

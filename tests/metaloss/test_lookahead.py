@@ -183,3 +183,26 @@ def test_bad_settings_are_one_clear_error():
     problem.inner_batch_size = None
     with pytest.raises(ConfigError, match="inner_batch_size"):
         LookaheadTraining(problem, episode, 10)
+
+
+def test_a_data_parallel_run_refuses_what_its_ranks_cannot_split():
+    from metaloss.distributed import Distributed
+    from metaloss.meta.weighting import ExampleWeights
+
+    problem, episode, _, _ = setup("momentum")
+    problem.data_parallel = Distributed(0, 2)  # two ranks (the checks come before any collective)
+    LookaheadTraining(problem, episode, horizon=12, meta_batch_size=5, seed=4)  # a mean over rows: fine
+    with pytest.raises(ConfigError, match="draws its meta batches from the clean meta set"):
+        LookaheadTraining(problem, episode, horizon=12, meta_batch_size=5, meta_source="train")
+    with pytest.raises(ConfigError, match="batches of at least 2 rows, got 4 training and 1 meta rows"):
+        LookaheadTraining(problem, episode, horizon=12, meta_batch_size=1)
+    normalized, episode, _, _ = setup("momentum", normalize=True)
+    normalized.data_parallel = Distributed(0, 2)
+    with pytest.raises(ConfigError, match="needs an inner loss that is a mean over rows"):
+        LookaheadTraining(normalized, episode, horizon=12, meta_batch_size=5)
+    normalized.inner_loss = WeightedLoss(ExampleWeights(B))  # L2RW's weights of batch positions
+    with pytest.raises(ConfigError, match="needs an inner loss that is a mean over rows"):
+        LookaheadTraining(normalized, episode, horizon=12, meta_batch_size=5)
+    problem.model = nn.Sequential(nn.Linear(D, C), nn.BatchNorm1d(C)).double()
+    with pytest.raises(ConfigError, match="does not synchronise BatchNorm statistics"):
+        LookaheadTraining(problem, episode, horizon=12, meta_batch_size=5)

@@ -56,6 +56,8 @@ def test_flipped_labels_are_always_wrong_and_cover_every_other_class():
     y = torch.randint(C, (300,))
     flipped = flipped_labels(y, C)
     assert (flipped != y).all() and set(((flipped - y) % C).tolist()) == set(range(1, C))
+    # a rank's share of the batch, told where it starts, flips its rows as the whole batch does
+    assert torch.equal(torch.cat([flipped_labels(y[:120], C), flipped_labels(y[120:], C, first_row=120)]), flipped)
 
 
 def test_bad_settings_are_one_clear_error():
