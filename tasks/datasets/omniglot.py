@@ -405,6 +405,7 @@ def omniglot_task(
     download: bool = False,
     base_url: str = OFFICIAL_URL,
     within_alphabet: bool = False,
+    train_within_alphabet: bool = False,
     val_characters: float = 0.0,
     affine: Mapping[str, float] | None = None,
 ) -> TaskSplits:
@@ -422,6 +423,9 @@ def omniglot_task(
     classes (Santoro et al. 2016); val and test are never rotated. An alphabet-free split is None.
     within_alphabet: val and test episodes draw their N classes from one alphabet, as the official
     one-shot runs of Lake et al. (2015) do (training episodes still mix alphabets).
+    train_within_alphabet: training episodes too draw their N classes from one alphabet; with
+    rotations, each quarter turn of an alphabet is an alphabet of its own (all N characters of an
+    episode share one orientation, as in the official runs).
     val_characters: a fraction of every training alphabet's characters (drawn with the seed) held out
     of training and added to the validation split, e.g. for a final run on every alphabet
     (`val_alphabets=[] test_alphabets=[] val_characters=0.2`).
@@ -459,7 +463,10 @@ def omniglot_task(
             keep = torch.from_numpy(np.isin(labels.numpy(), classes))
             images, labels = rotate_classes(images[keep], labels[keep], len(data.characters))
             classes = sorted(set(labels.tolist()))
-        groups = {c: data.alphabet[c] for c in classes} if within_alphabet and name != "train" else None
+        groups = None
+        if (within_alphabet and name != "train") or (train_within_alphabet and name == "train"):
+            n = len(data.characters)  # rotated class c is character c % n turned (c // n) quarter turns
+            groups = {c: f"{data.alphabet[c % n]}@{c // n * 90}" for c in classes}
         augment = RandomAffine(**affine) if affine is not None and name == "train" else None
         samplers[name] = FewShotSampler(images, labels, classes, n_way, k_shot, q_query, seed, name, groups, augment)
     return TaskSplits(samplers["train"], samplers["val"], samplers["test"], loss="cross_entropy", metric="accuracy")

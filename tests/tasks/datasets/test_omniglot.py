@@ -413,6 +413,27 @@ def test_within_alphabet_episodes_never_mix_alphabets_and_are_deterministic(omni
                       within_alphabet=True, cache_dir=str(tmp_path / "c"))  # fmt: skip
 
 
+def test_within_alphabet_training_episodes_share_one_alphabet_and_one_orientation(omniglot_root, tmp_path):
+    data = load_omniglot(str(omniglot_root), cache_dir=str(tmp_path / "c"))
+    n = len(data.characters)  # rotated training class c is character c % n turned c // n quarter turns
+    splits = omniglot_task(str(omniglot_root), train_alphabets=["Korean", "Greek"], val_alphabets=[],
+                           test_alphabets=["Tagalog"], n_way=2, k_shot=1, q_query=1, seed=4,
+                           train_within_alphabet=True, cache_dir=str(tmp_path / "c"))  # fmt: skip
+    seen = set()
+    for i in range(80):
+        classes = splits.train.episode(i).meta["classes"]
+        groups = {(data.characters[c % n][0], c // n) for c in classes}
+        assert len(groups) == 1 and len(classes) == 2
+        assert classes == splits.train.episode(i).meta["classes"]  # deterministic for the seed
+        seen |= groups
+    assert seen == {(a, k) for a in ("Korean", "Greek") for k in range(4)}  # every alphabet at every turn
+    mixed = omniglot_task(str(omniglot_root), train_alphabets=["Korean", "Greek"], val_alphabets=[],
+                          test_alphabets=["Tagalog"], n_way=2, k_shot=1, q_query=1, seed=4,
+                          cache_dir=str(tmp_path / "c"))  # fmt: skip
+    pooled = [{(data.characters[c % n][0], c // n) for c in mixed.train.episode(i).meta["classes"]} for i in range(40)]
+    assert any(len(g) > 1 for g in pooled)  # by default training episodes mix
+
+
 def test_a_final_run_trains_on_every_background_character(omniglot_root, tmp_path):
     data = load_omniglot(str(omniglot_root), cache_dir=str(tmp_path / "c"))
     every = omniglot_task(str(omniglot_root), val_alphabets=[], test_alphabets=[], n_way=2, q_query=1,

@@ -1,0 +1,130 @@
+"""Collect the runs of benchmarks/omniglot_lake/variants.sh into
+benchmarks/results/omniglot_lake_variants.{json,md,png}: per variant, the within-alphabet 20-way
+validation error on Balinese (after the training inner steps, every 250 meta-steps, from TensorBoard)
+and the within-alphabet test error on Early_Aramaic after 1 and 10 inner steps (metrics.json). The
+final run on every alphabet (final.sh), when it has finished, is recorded beside them and its
+checkpoint kept, stripped of the outer optimizer's state, in benchmarks/checkpoints/.
+
+    python benchmarks/omniglot_lake/summarize.py
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS, RESULTS, CHECKPOINTS = ROOT / "runs" / "omniglot_lake", ROOT / "results", ROOT / "checkpoints"
+FINAL, KEPT = "final_all", "omniglot_minimal_all_20way_maml_maxpool.pt"  # final.sh's run, its kept checkpoint
+SHARED = {"experiment", "task.train_alphabets", "task.val_alphabets", "task.test_alphabets", "task.within_alphabet",
+          "train.validate_every", "train.val_tasks", "test.num_tasks", "test.steps", "threads", "progress",
+          "train.meta_steps"}  # fmt: skip
+
+
+def validation_curve(run: Path) -> list[tuple[int, float]]:
+    """(meta-step, validation accuracy) from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("meta_val/accuracy") and "ci95" not in t]
+    return [(e.step, e.value) for e in events.Scalars(tags[0])] if tags else []
+
+
+def main() -> None:
+    rows = []
+    for metrics_file in sorted(RUNS.glob("*/metrics.json")):
+        run, m = metrics_file.parent, json.loads(metrics_file.read_text())
+        if run.name == FINAL:
+            continue
+        overrides = run_overrides(run)
+        curve = validation_curve(run)
+        test = {t: (m[f"meta/accuracy_step{t}"], m[f"meta/accuracy_step{t}_ci95"]) for t in (1, 10)
+                if f"meta/accuracy_step{t}" in m}  # fmt: skip
+        rows.append({
+            "variant": run.name,
+            "changes": [o for o in overrides if o.split("=")[0] not in SHARED],
+            "command": "python scripts/meta_train.py " + " ".join(overrides),
+            "meta_steps": m["meta_steps"],
+            "train_minutes": round(m["train_seconds"] / 60, 1),
+            "validation_error_curve": [(s, round(100 * (1 - a), 2)) for s, a in curve],
+            "final_validation_error": round(100 * (1 - curve[-1][1]), 2) if curve else None,
+            "test_error": {t: (round(100 * (1 - a), 2), round(100 * c, 2)) for t, (a, c) in test.items()},
+            "test_tasks": m["test_tasks"],
+        })  # fmt: skip
+    if not rows:
+        raise SystemExit(f"no finished runs under {RUNS}")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, one thread per run"
+    record = {"date": datetime.date.today().isoformat(), "machine": machine,
+              "protocol": "20-way 1-shot MAML, train Greek, Japanese_(katakana), Korean, Latin, Sanskrit, Tagalog "
+                          "(rotations as new classes); validation: 100 within-alphabet episodes of Balinese after the "
+                          "training inner steps; test: within-alphabet episodes of Early_Aramaic",
+              "runs": rows, "final": keep_final()}  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "omniglot_lake_variants.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["| variant | changes | meta-steps | train min | val. error (Balinese) | test error, 1 step | "
+             "test error, 10 steps |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["final_validation_error"] is None, r["final_validation_error"])):
+        tests = [f"{r['test_error'][t][0]:.1f} ± {r['test_error'][t][1]:.1f}" if t in r["test_error"] else "-"
+                 for t in (1, 10)]  # fmt: skip
+        lines.append(f"| {r['variant']} | {' '.join(r['changes']) or '-'} | {r['meta_steps']} | {r['train_minutes']} | "
+                     f"{r['final_validation_error']} | {tests[0]} | {tests[1]} |")  # fmt: skip
+    (RESULTS / "omniglot_lake_variants.md").write_text(
+        f"Recorded {record['date']} on {machine}. {record['protocol']}; error in %, test ± 95% CI half-width "
+        f"over {rows[0]['test_tasks']} episodes.\n\n" + "\n".join(lines) + "\n"
+    )
+    print("\n".join(lines))
+    plot(rows, RESULTS / "omniglot_lake_variants.png")
+
+
+def run_overrides(run: Path) -> list[str]:
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    return [o for o in overrides if not o.startswith("hydra.")]
+
+
+def keep_final() -> dict | None:
+    """final.sh's run on every alphabet: its checkpoint (phi and config) kept under checkpoints/."""
+    run = RUNS / FINAL
+    if not (run / "metrics.json").exists():
+        return None
+    m = json.loads((run / "metrics.json").read_text())
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state.pop("outer_opt", None)
+    CHECKPOINTS.mkdir(exist_ok=True)
+    path = CHECKPOINTS / KEPT
+    torch.save(state, path)
+    print(f"kept {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return {"command": "python scripts/meta_train.py " + " ".join(run_overrides(run)), "meta_steps": m["meta_steps"],
+            "train_minutes": round(m["train_seconds"] / 60, 1), "checkpoint": f"benchmarks/checkpoints/{KEPT}",
+            "checkpoint_mb": round(path.stat().st_size / 1e6, 2)}  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for r in rows:
+        if r["validation_error_curve"]:
+            steps, errors = zip(*r["validation_error_curve"])
+            ax.plot(steps, errors, marker="o", label=r["variant"])
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("within-alphabet val. error (%)")
+    ax.set_title("Omniglot 20-way 1-shot, Balinese episodes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Closing the gap to Lake's Omniglot one-shot benchmark on the minimal sets (issue 14): each variant
+# meta-trains 20-way 1-shot MAML on six background alphabets (Greek, Japanese, Korean, Latin, Sanskrit,
+# Tagalog; rotations as new classes), is validated on within-alphabet 20-way episodes of Balinese
+# (24 characters) and meta-tested on within-alphabet episodes of Early_Aramaic (22 characters), the
+# proxy of the official runs (benchmarks/README.md). Two runs at a time, one torch thread each; run
+# directories under benchmarks/runs/omniglot_lake/ (not committed); then
+# `python benchmarks/omniglot_lake/summarize.py` writes benchmarks/results/omniglot_lake_variants.{json,md}.
+#
+#   bash benchmarks/omniglot_lake/variants.sh maxpool maxpool_affine
+#   STEPS=600 VALIDATE=200 bash benchmarks/omniglot_lake/variants.sh maxpool maxpool_within
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+steps=${STEPS:-1000} validate=${VALIDATE:-250}
+common=(experiment=omniglot_minimal_20way "task.train_alphabets=[Greek,'Japanese_(katakana)',Korean,Latin,Sanskrit,Tagalog]"
+  "task.val_alphabets=[Balinese]" "task.test_alphabets=[Early_Aramaic]" task.within_alphabet=true
+  "train.meta_steps=${steps}" "train.validate_every=${validate}" train.val_tasks=100 test.num_tasks=300 "test.steps=[1,10]"
+  threads=1 progress=false)
+maxpool=(model.pool=max model.global_pool=false)
+affine="task.affine={degrees:10,shear:10,scale:0.1,translate:0.1}"
+mkdir -p benchmarks/runs/omniglot_lake
+run_one() {
+  local name=$1 extra=()
+  case "$name" in
+    strided) extra=() ;;                                      # the kept checkpoint's architecture
+    maxpool) extra=("${maxpool[@]}") ;;                       # 3x3 conv + BN + ReLU + 2x2 max-pool
+    maxpool_affine) extra=("${maxpool[@]}" "$affine") ;;      # small affine transforms of training images
+    maxpool_within) extra=("${maxpool[@]}" task.train_within_alphabet=true) ;;  # training episodes from one alphabet
+    maxpool_lslr) extra=("${maxpool[@]}" inner_opt=lslr) ;;   # MAML++ learned per-layer per-step lr
+    maxpool_metasgd) extra=("${maxpool[@]}" algorithm=metasgd) ;;
+    maxpool_32f) extra=("${maxpool[@]}" model.filters=32) ;;
+    maxpool_2steps) extra=("${maxpool[@]}" problem.inner_steps=2) ;;
+    *) echo "unknown variant $name" >&2; return 2 ;;
+  esac
+  local dir="benchmarks/runs/omniglot_lake/${name}"
+  python scripts/meta_train.py "${common[@]}" "${extra[@]}" "hydra.run.dir=${dir}" > "${dir}.log" 2>&1
+}
+i=0
+for name in "$@"; do
+  run_one "$name" &
+  i=$((i + 1))
+  if [ $((i % 2)) -eq 0 ]; then wait; fi
+done
+wait
