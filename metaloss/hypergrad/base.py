@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
@@ -63,6 +64,55 @@ def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: 
             sums[k] = sums.get(k, 0.0) + float(value)
     means = {k: v / len(episodes) for k, v in sums.items()}
     return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
+
+
+TaskLoss = Callable[[BilevelProblem, Episode], tuple[Tensor, dict[str, Tensor]]]
+
+
+def check_batchable(problem: BilevelProblem, episodes: Sequence[Episode]) -> None:
+    """What one `vmap` over the tasks needs: episodes of one shape, and a problem that reads only the
+    episodes' tensors (not `episode.meta`, which differs per task; a learned loss's `LossContext`
+    never shows it) and is not data-parallel."""
+    if not episodes:
+        raise ConfigError("a meta-batch needs at least one episode")
+    shapes = {tuple(tuple(t.shape) for t in (e.support_x, e.support_y, e.query_x, e.query_y)) for e in episodes}
+    if len(shapes) > 1:
+        raise ConfigError(f"tasks batched in one vmap need episodes of one shape, got {len(shapes)} different ones")
+    if getattr(problem.init, "needs_episode", False) or problem.meta_objective == "target_params":
+        raise ConfigError("tasks batched in one vmap read only the episodes' tensors: an initialisation drawn per "
+                          "episode and meta_objective=target_params run task by task (batched=false)")  # fmt: skip
+    if problem.data_parallel is not None and problem.data_parallel.enabled:
+        raise ConfigError("a data-parallel inner loop is not batched over tasks")
+
+
+def mean_over_tasks_batched(problem: BilevelProblem, episodes: Sequence[Episode], task_loss: TaskLoss,
+                            chunk: int | None = None) -> HypergradOut:  # fmt: skip
+    """The mean of `mean_over_tasks` from one batch: the B episodes stacked, and the gradient of
+    `task_loss` (the outer loss of one task with phi in place, through `problem.with_meta_parameters`,
+    and its detached metrics) by `torch.func.grad`, which differentiates the functional inner loops
+    (`run_inner_loop`) exactly, vmapped over them (`chunk` tasks at a time; None: all) and averaged.
+    Memory grows with the chunk: every task of a chunk holds its graph at once. A gradient that is
+    zero everywhere is reported as None (not reached), as the task loop reports it."""
+    from torch.func import grad_and_value, vmap
+
+    check_batchable(problem, episodes)
+    phi = problem.meta_parameters()
+    data = [torch.stack([getattr(e, f) for e in episodes]) for f in ("support_x", "support_y", "query_x", "query_y")]
+
+    def one_task(phi_values: list[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+        return task_loss(problem.with_meta_parameters(phi_values), Episode(sx, sy, qx, qy))
+
+    # vmap of the per-task gradient, not the gradient of a vmapped mean: with transductive BatchNorm the
+    # latter came out wrong in torch 2.13 (second-order terms; tests/metaloss/hypergrad/test_unrolled_batched.py)
+    per_task = vmap(grad_and_value(one_task, has_aux=True), in_dims=(None, 0, 0, 0, 0), chunk_size=chunk,
+                    randomness="same")  # one minibatch order for every task, as in the loop  # fmt: skip
+    task_grads, (_, metrics) = per_task([p.detach() for p in phi], *data)  # each [B, *phi_j.shape]
+    grads = [g.mean(0) for g in task_grads]
+    means = {k: float(v.double().mean()) for k, v in metrics.items()}  # [B] -> the mean, as the loop sums
+    # torch.func gives zeros where phi is not reached; the task loop's None (the outer optimizer leaves
+    # such a parameter alone, weight decay included) is reported for an all-zero gradient instead
+    reached = [None if not bool(g.any()) else g for g in grads]
+    return HypergradOut(grads=reached, outer_loss=means["loss"], metrics=means)
 
 
 class OnlineEstimator(ABC):

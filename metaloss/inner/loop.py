@@ -15,7 +15,10 @@ Backpropagation modes (chosen by the caller, usually an estimator):
   `differentiable_steps=0` runs the loop with no graph at all (evaluation).
 
 `functional=True` takes the inner gradients with `torch.func.grad` instead of autograd, so the
-loop composes with `torch.func.vmap` (ES particles run as one batch); it keeps no graph to phi.
+loop composes with `torch.func.vmap` (ES particles, or the tasks of a meta-batch, run as one batch).
+It keeps no autograd graph; under an outer `torch.func.grad` it is differentiated like the autograd
+loop, with the same three modes (first order: the inner gradients detached; truncated: w and the
+optimizer state detached before the last K steps).
 """
 
 from __future__ import annotations
@@ -73,11 +76,9 @@ def run_inner_loop(
     if functional and reduce_grads is not None:
         raise ConfigError("a data-parallel inner loop runs with autograd gradients, not functional (vmapped) ones")
     if functional:
-        return _functional_loop(params, loss_fn, optimizer, steps, opt_state, on_step, first_step)
-    window = steps if differentiable_steps is None else differentiable_steps
-    if window < 0:
-        raise ConfigError(f"differentiable_steps must be >= 0, got {differentiable_steps}")
-    first_tracked = max(steps - window, 0)
+        return _functional_loop(params, loss_fn, optimizer, steps, opt_state, on_step, first_step, second_order,
+                                first_tracked_step(steps, differentiable_steps))  # fmt: skip
+    first_tracked = first_tracked_step(steps, differentiable_steps)
     state = optimizer.init(params) if opt_state is None else opt_state
     losses: list[Tensor] = []
     if on_step is not None:
@@ -104,6 +105,14 @@ def run_inner_loop(
     return InnerResult(params, state, losses)
 
 
+def first_tracked_step(steps: int, differentiable_steps: int | None) -> int:
+    """The first of the `steps` steps that the hypergradient sees (all: None)."""
+    window = steps if differentiable_steps is None else differentiable_steps
+    if window < 0:
+        raise ConfigError(f"differentiable_steps must be >= 0, got {differentiable_steps}")
+    return max(steps - window, 0)
+
+
 def _functional_loop(
     params: Params,
     loss_fn: Callable[[Params, int], Tensor],
@@ -112,8 +121,12 @@ def _functional_loop(
     opt_state: OptState | None,
     on_step: Callable[[int, Params], None] | None,
     first_step: int,
+    second_order: bool = True,
+    first_tracked: int = 0,
 ) -> InnerResult:
-    """The same steps with `torch.func` gradients and no graph: vmap-able."""
+    """The same steps with `torch.func` gradients: vmap-able, and differentiable by an outer
+    `torch.func.grad` in the autograd loop's modes (stop-gradients by `detach`, which acts at the
+    transform's level)."""
     from torch.func import grad_and_value
 
     state = optimizer.init(params) if opt_state is None else opt_state
@@ -121,9 +134,16 @@ def _functional_loop(
     if on_step is not None:
         on_step(0, params)
     for t in range(steps):
+        tracked = t >= first_tracked
+        if not tracked or (t == first_tracked and t > 0):  # stop-gradient: the window starts from a cut
+            params, state = tree_detach(params), tree_detach(state)
         grads, loss = grad_and_value(lambda p, step=first_step + t: loss_fn(p, step))(params)
+        if not (tracked and second_order):
+            grads = {n: g.detach() for n, g in grads.items()}
         params, state = optimizer.update(grads, state, params)
-        losses.append(loss)
+        if not tracked:
+            params, state = tree_detach(params), tree_detach(state)
+        losses.append(loss if tracked else loss.detach())
         if on_step is not None:
             on_step(t + 1, params)
     return InnerResult(params, state, losses)

@@ -1,0 +1,96 @@
+"""Tasks as one batch: `Unrolled(batched=True)` runs the meta-batch's inner loops in one
+`torch.func.vmap` and differentiates them with `torch.func.grad`. It must give the hypergradient of
+the task-by-task loop (autograd; itself checked against finite differences and a hand-written
+unroll in test_unrolled.py) in float64: every inner optimizer and mode, head-only adaptation, a
+learned loss, both meta-objectives, minibatched steps, chunks, and a Conv-4 with BatchNorm affine
+meta-parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_es_batched import conv4_problem
+from test_unrolled import make_episodes, make_problem
+
+from metaloss.errors import ConfigError
+from metaloss.hypergrad import Unrolled
+from metaloss.meta import ML3RegressionLoss
+from metaloss.types import Episode
+
+KINDS = ["sgd", "sgd_learned_lr", "momentum_learned", "adam_learned", "metasgd", "lslr"]
+MODES = [("full", None), ("first_order", None), ("truncated", 1)]
+
+
+def assert_same(batched, loop) -> None:
+    assert batched.outer_loss == pytest.approx(loop.outer_loss, rel=1e-10)
+    assert batched.metrics.keys() == loop.metrics.keys()
+    for k in loop.metrics:
+        assert batched.metrics[k] == pytest.approx(loop.metrics[k], rel=1e-10, abs=1e-12), k
+    assert [g is None for g in batched.grads] == [g is None for g in loop.grads]
+    for x, y in zip(batched.grads, loop.grads):
+        if y is not None:
+            assert y.abs().max() > 0
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+def both(problem, episodes, mode="full", truncation=None, chunk=None):
+    loop = Unrolled(mode, truncation).estimate(problem, episodes)
+    batched = Unrolled(mode, truncation, batched=True, chunk=chunk).estimate(problem, episodes)
+    return batched, loop
+
+
+@pytest.mark.parametrize("mode,truncation", MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_tasks_give_the_loops_hypergradient(kind: str, mode: str, truncation: int | None) -> None:
+    assert_same(*both(make_problem(kind), make_episodes(3), mode, truncation))
+
+
+def test_truncation_leaves_the_initialisation_unreached_as_the_loop_does() -> None:
+    batched, loop = both(make_problem("sgd_learned_lr"), make_episodes(2), "truncated", 1)
+    assert any(g is None for g in loop.grads)  # w0 is cut off by the truncation
+    assert_same(batched, loop)
+
+
+@pytest.mark.parametrize("objective", ["query", "inner_mean"])
+def test_head_only_adaptation_and_both_meta_objectives(objective: str) -> None:
+    problem = dataclasses.replace(make_problem("momentum_learned", adapt=("head",)), meta_objective=objective)
+    assert_same(*both(problem, make_episodes(3)))
+    problem.reuse_features = False
+    assert_same(*both(problem, make_episodes(3)))
+
+
+def test_a_learned_loss_that_reads_its_context() -> None:
+    torch.manual_seed(3)
+    problem = dataclasses.replace(make_problem("sgd"), inner_loss=ML3RegressionLoss(2, 1, hidden=(6,)).double())
+    for mode, truncation in MODES:
+        assert_same(*both(problem, make_episodes(3), mode, truncation))
+
+
+def test_minibatched_inner_steps_and_chunks() -> None:
+    problem = make_problem("adam_learned")
+    problem.inner_batch_size, problem.shuffle_seed = 4, 7
+    for chunk in (None, 1, 2):
+        assert_same(*both(problem, make_episodes(3), chunk=chunk))
+
+
+def test_conv4_with_batchnorm_affine_meta_parameters() -> None:
+    problem, episodes = conv4_problem()
+    batchnorm = [m for m in problem.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    phi = {id(p) for p in problem.meta_parameters()}
+    init = dict(problem.init.named_parameters())
+    affine = [n for n, m in problem.model.named_modules() if m in batchnorm]
+    assert affine and all(id(init[f"model.{n}.weight"]) in phi for n in affine)  # BatchNorm affine weights are phi
+    for mode, truncation in MODES[:2]:
+        assert_same(*both(problem, episodes, mode, truncation))
+
+
+def test_episodes_of_different_shapes_are_refused() -> None:
+    episodes = make_episodes(2)
+    e = episodes[1]
+    episodes[1] = Episode(e.support_x[:4], e.support_y[:4], e.query_x, e.query_y)
+    with pytest.raises(ConfigError, match="one shape"):
+        Unrolled(batched=True).estimate(make_problem("sgd"), episodes)
+    with pytest.raises(ConfigError, match="chunk"):
+        Unrolled(batched=True, chunk=0)
