@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from metaloss.checkpoint import CheckpointError, load_meta_state, rng_state, set_rng_state
 from metaloss.distributed import Distributed
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator
+from metaloss.hypergrad.base import HypergradEstimator, check_batchable
 from metaloss.hypergrad.es import AntitheticES
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.problem import BilevelProblem
@@ -292,15 +293,19 @@ def evaluate(
     progress: bool = False,
     desc: str = "meta-test",
     distributed: Distributed | None = None,
+    batch_tasks: int = 1,
 ) -> dict[str, float]:
     """Meta-test: adapt on episodes 0..num_tasks-1 of `sampler` and measure the query loss (and
     the problem's metric) after each number of inner steps in `steps`. With `distributed`, each rank
     adapts on its share of the tasks and the results are gathered (the same numbers on every rank).
+    batch_tasks: adapt this many tasks at once, as one `torch.func.vmap` batch (the same numbers as
+    one at a time; needs episodes of one shape, see `check_batchable`); 1: one after another.
 
     Returns {"loss_step{t}": mean, "loss_step{t}_ci95": half-width, ...} over the tasks.
     """
-    if num_tasks < 1 or not steps or min(steps) < 0:
-        raise ConfigError(f"evaluation needs num_tasks >= 1 and steps >= 0, got {num_tasks} and {list(steps)}")
+    if num_tasks < 1 or not steps or min(steps) < 0 or batch_tasks < 1:
+        raise ConfigError(f"evaluation needs num_tasks >= 1, steps >= 0 and batch_tasks >= 1, got {num_tasks}, "
+                          f"{list(steps)} and {batch_tasks}")  # fmt: skip
     distributed = distributed or Distributed()
     wanted = set(steps)
     rows: list[dict[str, float]] = []  # per task of this rank: {"<metric>_step<t>": value}
@@ -312,7 +317,12 @@ def evaluate(
             rows[-1].update({f"{name}_step{t}": float(value) for name, value in metrics.items()})
 
     start, stop = distributed.shard(num_tasks)
-    for i in tqdm(range(start, stop), desc=desc, disable=not progress, dynamic_ncols=True):
+    if batch_tasks > 1:
+        for first in tqdm(range(start, stop, batch_tasks), desc=desc, disable=not progress, dynamic_ncols=True):
+            episodes = [sampler.episode(i).to(device, dtype) for i in range(first, min(first + batch_tasks, stop))]
+            rows += _evaluate_batch(problem, episodes, wanted)
+    for i in tqdm(range(start, stop) if batch_tasks == 1 else (), desc=desc, disable=not progress,
+                  dynamic_ncols=True):  # fmt: skip
         episode = sampler.episode(i).to(device, dtype)
         rows.append({})
         problem.adapt_to(episode, steps=max(steps), second_order=False, differentiable_steps=0, on_step=on_step)
@@ -324,3 +334,26 @@ def evaluate(
     for name, values in record.items():
         result[name], result[f"{name}_ci95"] = mean_ci95(values)
     return result
+
+
+def _evaluate_batch(problem: BilevelProblem, episodes: list[Episode], wanted: set[int]) -> list[dict[str, float]]:
+    """`evaluate`'s rows for `episodes`, adapted as one vmap batch (the functional inner loop)."""
+    from torch.func import vmap
+
+    check_batchable(problem, episodes)
+    data = [torch.stack([getattr(e, f) for e in episodes]) for f in ("support_x", "support_y", "query_x", "query_y")]
+
+    def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> dict[str, Tensor]:
+        episode, out = Episode(sx, sy, qx, qy), {}
+
+        def on_step(t: int, params: Params) -> None:
+            if t in wanted:
+                out.update({f"{name}_step{t}": value for name, value in problem.query_loss(params, episode)[1].items()})
+
+        problem.adapt_to(episode, steps=max(wanted), second_order=False, differentiable_steps=0, on_step=on_step,
+                         functional=True)  # fmt: skip
+        return out
+
+    with torch.no_grad():
+        values = vmap(one_task, randomness="same")(*data)  # {name: [B]}
+    return [{name: float(v[b]) for name, v in values.items()} for b in range(len(episodes))]

@@ -77,8 +77,10 @@ def main(cfg: DictConfig) -> None:
         steps = list(cfg.test.steps if cfg.test.steps is not None else trained.test.steps)
         sampler = splits.test
         num_tasks = min(cfg.test.num_tasks, len(sampler)) if hasattr(sampler, "__len__") else cfg.test.num_tasks
-        if num_tasks < 1 or not steps or min(steps) < 0:
-            raise ConfigError(f"test.num_tasks must be >= 1 and test.steps >= 0, got {num_tasks}, {steps}")
+        batch_tasks = int(cfg.test.get("batch_tasks", 1))
+        if num_tasks < 1 or not steps or min(steps) < 0 or batch_tasks < 1:
+            raise ConfigError(f"test.num_tasks and test.batch_tasks must be >= 1 and test.steps >= 0, got "
+                              f"{num_tasks}, {batch_tasks}, {steps}")  # fmt: skip
         dtype = dtype_of(trained)
         first = sampler.episode(0).to(trained.device, dtype)
         try:
@@ -97,7 +99,8 @@ def main(cfg: DictConfig) -> None:
                 raise ConfigError(f"the checkpoint's model has {outputs} outputs but the task is {n_way}-way")
 
     result = evaluate(
-        problem, sampler, num_tasks, steps, device=trained.device, dtype=dtype, progress=cfg.progress, desc="meta-test"
+        problem, sampler, num_tasks, steps, device=trained.device, dtype=dtype, progress=cfg.progress, desc="meta-test",
+        batch_tasks=batch_tasks,
     )
     metrics: dict[str, object] = {"checkpoint": str(cfg.checkpoint), "task": task_name, "test_tasks": num_tasks}
     metrics.update(result)

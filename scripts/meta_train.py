@@ -105,7 +105,7 @@ def main(cfg: DictConfig) -> None:
 
     def validate(step: int) -> dict[str, float]:
         return evaluate(problem, splits.val, settings.train.val_tasks, [settings.problem.inner_steps], device=device,
-                        dtype=dtype, distributed=dist)  # fmt: skip
+                        dtype=dtype, distributed=dist, batch_tasks=settings.test.batch_tasks)  # fmt: skip
 
     directory.train(trainer, settings.train.meta_steps, logger, "lower the learning rates, or raise "
                     "train.max_bad_steps", log_every=settings.train.log_every, validate=validate,
@@ -115,7 +115,8 @@ def main(cfg: DictConfig) -> None:
     test = {}  # no test split (e.g. Omniglot on every alphabet): no meta-test
     if splits.test is not None:
         test = evaluate(problem, splits.test, settings.test.num_tasks, steps, device=device, dtype=dtype,
-                        progress=settings.progress and dist.is_main, distributed=dist)  # fmt: skip
+                        progress=settings.progress and dist.is_main, distributed=dist,
+                        batch_tasks=settings.test.batch_tasks)  # fmt: skip
     dist.close()
     if not dist.is_main:
         return  # rank 0 writes the outputs

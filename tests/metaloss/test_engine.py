@@ -51,6 +51,22 @@ def test_evaluate_is_deterministic_and_reports_each_step() -> None:
     assert first["loss_step2"] < first["loss_step0"]  # two SGD steps on the support set help on the query set
 
 
+@pytest.mark.parametrize("batch_tasks", [2, 7, 64])
+def test_evaluate_with_tasks_batched_gives_the_numbers_of_the_loop(batch_tasks: int) -> None:
+    """vmap batches of tasks (a ragged last batch with 7 of 20) against one task at a time, float64,
+    Adam inner steps (a state carried between steps)."""
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).double()
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("adam", lr=0.05), mse, mse, 1)
+    sampler = SinusoidSampler(seed=3, split="test")
+    loop = evaluate(problem, sampler, 20, steps=(0, 1, 3), dtype=torch.float64)
+    batched = evaluate(problem, sampler, 20, steps=(0, 1, 3), dtype=torch.float64, batch_tasks=batch_tasks)
+    assert batched.keys() == loop.keys()
+    for k in loop:
+        assert batched[k] == pytest.approx(loop[k], rel=1e-12, abs=1e-14), k
+    assert loop["loss_step3"] < loop["loss_step0"]
+
+
 def test_checkpoint_round_trip(tmp_path) -> None:
     problem = sinusoid_problem()
     outer = torch.optim.Adam(problem.meta_parameters(), lr=1e-3)

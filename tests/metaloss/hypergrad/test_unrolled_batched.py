@@ -14,6 +14,7 @@ import torch
 from test_es_batched import conv4_problem
 from test_unrolled import make_episodes, make_problem
 
+from metaloss.engine import evaluate
 from metaloss.errors import ConfigError
 from metaloss.hypergrad import Unrolled
 from metaloss.meta import ML3RegressionLoss
@@ -86,11 +87,31 @@ def test_conv4_with_batchnorm_affine_meta_parameters() -> None:
         assert_same(*both(problem, episodes, mode, truncation))
 
 
+class Fixed:
+    """A sampler over a fixed list of episodes."""
+
+    def __init__(self, episodes: list[Episode]) -> None:
+        self.episodes = episodes
+
+    def episode(self, i: int) -> Episode:
+        return self.episodes[i]
+
+
+def test_meta_test_of_a_conv4_with_batchnorm_batched_equals_the_loop() -> None:
+    problem, episodes = conv4_problem()
+    loop = evaluate(problem, Fixed(episodes), 2, steps=(0, 2))
+    batched = evaluate(problem, Fixed(episodes), 2, steps=(0, 2), batch_tasks=2)
+    for k in loop:
+        assert batched[k] == pytest.approx(loop[k], rel=1e-10, abs=1e-12), k
+
+
 def test_episodes_of_different_shapes_are_refused() -> None:
     episodes = make_episodes(2)
     e = episodes[1]
     episodes[1] = Episode(e.support_x[:4], e.support_y[:4], e.query_x, e.query_y)
     with pytest.raises(ConfigError, match="one shape"):
         Unrolled(batched=True).estimate(make_problem("sgd"), episodes)
+    with pytest.raises(ConfigError, match="one shape"):
+        evaluate(make_problem("sgd"), Fixed(episodes), 2, steps=(1,), batch_tasks=2)
     with pytest.raises(ConfigError, match="chunk"):
         Unrolled(batched=True, chunk=0)
