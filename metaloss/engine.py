@@ -317,13 +317,12 @@ def evaluate(
             rows[-1].update({f"{name}_step{t}": float(value) for name, value in metrics.items()})
 
     start, stop = distributed.shard(num_tasks)
-    if batch_tasks > 1:
-        for first in tqdm(range(start, stop, batch_tasks), desc=desc, disable=not progress, dynamic_ncols=True):
+    for first in tqdm(range(start, stop, batch_tasks), desc=desc, disable=not progress, dynamic_ncols=True):
+        if batch_tasks > 1:
             episodes = [sampler.episode(i).to(device, dtype) for i in range(first, min(first + batch_tasks, stop))]
             rows += _evaluate_batch(problem, episodes, wanted)
-    for i in tqdm(range(start, stop) if batch_tasks == 1 else (), desc=desc, disable=not progress,
-                  dynamic_ncols=True):  # fmt: skip
-        episode = sampler.episode(i).to(device, dtype)
+            continue
+        episode = sampler.episode(first).to(device, dtype)
         rows.append({})
         problem.adapt_to(episode, steps=max(steps), second_order=False, differentiable_steps=0, on_step=on_step)
     record: dict[str, list[float]] = {}
