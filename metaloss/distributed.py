@@ -131,7 +131,11 @@ class Distributed:
         return box[0]
 
     def close(self) -> None:
+        """The end of a run that went well: every rank waits for the others before the group is torn
+        down (a rank that tore its connections down while another still finished its last collective
+        was seen to abort at exit, SIGABRT from gloo's threads, under load in CI)."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
