@@ -85,6 +85,24 @@ def check_batchable(problem: BilevelProblem, episodes: Sequence[Episode]) -> Non
         raise ConfigError("a data-parallel inner loop is not batched over tasks")
 
 
+def batching_pays(problem: BilevelProblem, episodes: Sequence[Episode]) -> bool:
+    """The rule of `batched="auto"`: one vmap over the tasks where it was measured faster, the task
+    loop elsewhere. On a 2-core CPU (benchmarks/unrolled_batched_vs_loop.py, benchmarks/peers) the
+    vmap batch took 0.18x the loop's time for the sinusoid MLP and 1.3x to 3.5x for a Conv-4 (one
+    task's convolutions already keep the cores busy; vmapped convolutions are slower kernels), so:
+    batched when the tasks can be batched (`check_batchable`) and the model has no convolution.
+    Not measured on a GPU, where the same rule applies. A model with dropout runs task by task too: in
+    one vmap every task would draw the same masks, in the loop each task draws its own."""
+    slower_or_different = (torch.nn.modules.conv._ConvNd, torch.nn.modules.dropout._DropoutNd)
+    if any(isinstance(m, slower_or_different) for m in problem.model.modules()):
+        return False
+    try:
+        check_batchable(problem, episodes)
+    except ConfigError:
+        return False
+    return True
+
+
 def mean_over_tasks_batched(problem: BilevelProblem, episodes: Sequence[Episode], task_loss: TaskLoss,
                             chunk: int | None = None) -> HypergradOut:  # fmt: skip
     """The mean of `mean_over_tasks` from one batch: the B episodes stacked, and the gradient of

@@ -12,43 +12,69 @@ batched=True runs the meta-batch's tasks as one `torch.func.vmap` batch with `to
 outer gradients (`mean_over_tasks_batched`), the same hypergradient as the task-by-task loop:
 faster where one task is too small to keep the machine busy (the sinusoid MLP on a CPU), slower
 where one task already is (a Conv-4 on 2 CPU cores), at the memory of `chunk` tasks at once.
+batched="auto" decides per meta-batch by the measured rule of `batching_pays`, and falls back to the
+loop for good (with a warning) where vmap refuses an operation of the problem.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator, mean_over_tasks, mean_over_tasks_batched
+from metaloss.hypergrad.base import HypergradEstimator, batching_pays, mean_over_tasks, mean_over_tasks_batched
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
 MODES = ("full", "first_order", "truncated")
 
 
+def _vmap_refusal(err: RuntimeError) -> bool:
+    """Whether `err` is torch.func.vmap refusing an operation (not an error of the problem itself)."""
+    message = str(err).lower()
+    return "vmap" in message or "batching rule" in message
+
+
 class Unrolled(HypergradEstimator):
     """Unrolled hypergradient; `truncation` K is required by (and only used in) mode ``truncated``.
-    batched: the tasks of a meta-batch as one vmap batch, `chunk` at a time (None: all)."""
+    batched: the tasks of a meta-batch as one vmap batch, `chunk` at a time (None: all); "auto": where
+    `batching_pays`."""
 
-    def __init__(self, mode: str = "full", truncation: int | None = None, batched: bool = False,
+    def __init__(self, mode: str = "full", truncation: int | None = None, batched: bool | str = False,
                  chunk: int | None = None) -> None:  # fmt: skip
         if mode not in MODES:
             raise ConfigError(f"unknown unrolled mode {mode!r}; expected one of {MODES}")
         if mode == "truncated" and (truncation is None or truncation < 1):
             raise ConfigError(f"mode 'truncated' needs truncation >= 1, got {truncation}")
+        if batched not in (False, True, "auto"):
+            raise ConfigError(f"batched must be true, false or 'auto', got {batched!r}")
         if chunk is not None and chunk < 1:
             raise ConfigError(f"chunk must be >= 1 or None, got {chunk}")
         self.mode = mode
         self.truncation = truncation if mode == "truncated" else None
         self.batched, self.chunk = batched, chunk
+        self.vmap_refused = False  # batched="auto" met an op that vmap cannot batch
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
-        if self.batched:
-            return mean_over_tasks_batched(problem, episodes, self._task_loss, self.chunk)
+        if self.batches(problem, episodes):
+            try:
+                return mean_over_tasks_batched(problem, episodes, self._task_loss, self.chunk)
+            except RuntimeError as err:  # an op vmap cannot batch (data-dependent control flow, .item())
+                if self.batched != "auto" or not _vmap_refusal(err):
+                    raise
+                self.vmap_refused = True  # the loop from now on: the same hypergradient
+                warnings.warn(f"hypergrad.batched=auto: the tasks run one by one, vmap refused the problem: "
+                              f"{str(err).splitlines()[0][:200]}", stacklevel=2)  # fmt: skip
         return mean_over_tasks(problem, episodes, self._task)
+
+    def batches(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> bool:
+        """Whether this meta-batch runs as one vmap batch."""
+        if self.batched == "auto":
+            return not self.vmap_refused and batching_pays(problem, episodes)
+        return bool(self.batched)
 
     def _task_loss(self, problem: BilevelProblem, episode: Episode, functional: bool = True):
         """The outer loss of one episode after its inner loop, and its detached metrics."""

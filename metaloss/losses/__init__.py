@@ -17,6 +17,7 @@ from metaloss.losses.robust import (
     mae,
     mse,
     nce_rce,
+    one_hot,
     poly1,
     rce,
     reduce,
@@ -61,4 +62,4 @@ def get_metric(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return METRICS[name]
 
 
-__all__ = ["LOSSES", "METRICS", "accuracy", "get_loss", "get_metric", "reduce", *sorted(LOSSES)]
+__all__ = ["LOSSES", "METRICS", "accuracy", "get_loss", "get_metric", "one_hot", "reduce", *sorted(LOSSES)]

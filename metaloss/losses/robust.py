@@ -19,6 +19,7 @@ With p = softmax(logits) and p_y the probability of the target class:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,6 +34,12 @@ def reduce(per_sample: Tensor, reduction: str) -> Tensor:
     if reduction not in REDUCTIONS:
         raise ConfigError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def one_hot(target: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """target [n] (class indices) -> [n, classes] indicator rows. Unlike `F.one_hot` it runs inside
+    `torch.func.vmap` (no check of the labels' range, which reads their values)."""
+    return (target.unsqueeze(-1) == torch.arange(classes, device=target.device)).to(dtype)
 
 
 def _log_p_target(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaloss.errors import ConfigError
+from metaloss.losses import one_hot
 from metaloss.meta.weighting import seeded_mlp
 
 FEATURES = ("logits", "inputs")
@@ -69,7 +70,7 @@ class LabelCorrector(nn.Module):
         h = logits.detach() if self.features == "logits" else context.inputs.flatten(1).detach()
         scores = self.net(torch.cat([h.to(self.embedding.dtype), self.embedding[targets]], -1))  # [B, C]
         if self.label_prior:
-            scores = scores + self.label_prior * F.one_hot(targets, self.n_classes).to(scores.dtype)
+            scores = scores + self.label_prior * one_hot(targets, self.n_classes, scores.dtype)
         return scores.softmax(-1)
 
 
@@ -105,7 +106,7 @@ class GatedCorrector(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor, context: Any) -> Tensor:
         teacher, gate = self._parts(context.inputs.detach(), targets)
         g = torch.sigmoid(gate)[:, None]  # [B, 1]
-        return g * F.one_hot(targets, self.n_classes).to(teacher.dtype) + (1 - g) * teacher.softmax(-1)
+        return g * one_hot(targets, self.n_classes, teacher.dtype) + (1 - g) * teacher.softmax(-1)
 
     def outer_terms(self, x: Tensor, y: Tensor, first_row: int = 0) -> Tensor:
         teacher, keep = self._parts(x, y)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaloss.errors import ConfigError
-from metaloss.losses import reduce
+from metaloss.losses import one_hot, reduce
 from metaloss.models import MLP
 from metaloss.types import LossContext
 
@@ -50,7 +50,7 @@ class ML3Loss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         _class_indices(target, type(self).__name__)
-        features = torch.stack([logits.softmax(-1), F.one_hot(target, logits.shape[-1]).to(logits.dtype)], -1)
+        features = torch.stack([logits.softmax(-1), one_hot(target, logits.shape[-1], logits.dtype)], -1)
         g = self.net(features).squeeze(-1)  # [n, K, 2] -> [n, K]
         if self.residual:
             per_sample = F.cross_entropy(logits, target, reduction="none") + g.sum(-1)
@@ -113,7 +113,7 @@ class TaylorGLOLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         _class_indices(target, type(self).__name__)
         y = logits.softmax(-1) - self.centre[1]  # [n, K]
-        x = F.one_hot(target, logits.shape[-1]).to(logits.dtype) - self.centre[0]
+        x = one_hot(target, logits.shape[-1], logits.dtype) - self.centre[0]
         t = self.coefficients
         f = t[0] * y + t[1] * y**2 / 2 + t[2] * y**3 / 6 + t[3] * x * y + t[4] * x * y**2 / 2 + t[5] * x**2 * y / 2
         return reduce(-f.sum(-1), reduction)
@@ -172,7 +172,7 @@ class NPBMLLoss(nn.Module):
         _class_indices(target, type(self).__name__)
         if logits.shape[-1] != self.classes:
             raise ConfigError(f"NPBML loss built for {self.classes} classes, got logits for {logits.shape[-1]}")
-        onehot = F.one_hot(target, self.classes).to(logits.dtype)  # [n, K]
+        onehot = one_hot(target, self.classes, logits.dtype)  # [n, K]
         ce = F.cross_entropy(logits, target, reduction="none")  # [n]
         inductive = torch.cat([logits, onehot, ce[:, None]], -1)  # [n, 2K + 1]
         transductive = None

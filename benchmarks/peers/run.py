@@ -1,0 +1,445 @@
+"""metaloss against its peers, side by side at equal gradients: seconds per meta-step, peak memory,
+and the largest difference of each peer's meta-gradient from ours.
+
+    bash benchmarks/peers/install.sh       # benchmark-only installs: higher, TorchOpt, learn2learn
+    python benchmarks/peers/run.py         # every case; --cases maml_1step sinusoid ... for some
+
+Implementations (each builds the same model from the same seed and sees the same meta-batches):
+metaloss task by task (`Unrolled`, `engine.meta_step`), metaloss batched (`Unrolled(batched=True)`,
+one `torch.func.vmap` over the tasks), higher 0.2.1 (`innerloop_ctx`), learn2learn 0.2.0
+(`algorithms.MAML` / `MetaSGD`), TorchOpt 0.7.3 (`MetaSGD` with `extract_state_dict` /
+`recover_state_dict`, its MAML example; first order through its functional `sgd`), and a plain
+loop of `torch.func.functional_call` with `torch.autograd.grad` (the textbook MAML). A meta-step is
+the meta-gradient of the meta-batch plus one outer Adam step.
+
+Timing: one process; after `--warmup` untimed rounds, `--repeats` rounds in which every
+implementation runs one meta-step, the order reversed every round (round-robin, so a drift of the
+machine hits all alike); the median is reported. Memory: every implementation again in a fresh
+process (this script with `--child`), the growth of the peak resident set (`VmHWM`, reset through
+/proc/self/clear_refs after the setup) over the resident set before its first meta-step, over
+warm-up + 1 meta-steps. Gradients: every implementation's meta-gradient on one meta-batch at the
+initial phi, against metaloss's (max |difference| / max |ours|, float32).
+
+Cases: MAML on a Conv-4 (32 filters, max-pool, transductive BatchNorm, 28x28x1), 5-way 1-shot
+15-query, meta-batch 32, inner SGD lr 0.4: 1 and 5 steps second order, 1 step first order; ANIL
+(head-only adaptation) and Meta-SGD on the same; the default sinusoid job (MLP 1-40-40-1,
+meta-batch 25, 10 + 10 points, one inner SGD step at lr 0.01). Writes benchmarks/results/peers.json;
+the last stdout line is the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metaloss.engine import meta_step
+from metaloss.functional import apply_batchnorm_policy
+from metaloss.hypergrad import Unrolled
+from metaloss.hypergrad.base import batching_pays
+from metaloss.losses import cross_entropy, mse
+from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD
+from metaloss.models import MLP, Conv4
+from metaloss.problem import BilevelProblem
+from metaloss.types import Episode
+
+
+@dataclass(frozen=True)
+class Case:
+    """model: "conv4" or "sinusoid"; algorithm: "maml" (all parameters adapt), "anil" (the head only),
+    "metasgd" (learned per-element inner learning rates); steps: inner SGD steps."""
+
+    model: str
+    algorithm: str = "maml"
+    steps: int = 1
+    first_order: bool = False
+    meta_batch: int = 32
+    inner_lr: float = 0.4
+
+    @property
+    def loss(self) -> Callable[[Tensor, Tensor], Tensor]:
+        return mse if self.model == "sinusoid" else cross_entropy
+
+
+CASES = {
+    "maml_1step": Case("conv4"),
+    "maml_5step": Case("conv4", steps=5),
+    "fomaml_1step": Case("conv4", first_order=True),
+    "anil_1step": Case("conv4", algorithm="anil"),
+    "metasgd_1step": Case("conv4", algorithm="metasgd"),
+    "sinusoid": Case("sinusoid", meta_batch=25, inner_lr=0.01),
+}
+# which implementations a case runs (a peer without the algorithm is left out, not approximated)
+IMPLEMENTATIONS = {
+    "maml": ("metaloss", "metaloss_batched", "higher", "learn2learn", "torchopt", "loop"),
+    "anil": ("metaloss", "metaloss_batched", "higher", "learn2learn", "torchopt", "loop"),
+    "metasgd": ("metaloss", "metaloss_batched", "higher", "learn2learn", "loop"),
+}
+OUTER_LR = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# data and models
+
+
+def make_model(case: Case, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if case.model == "sinusoid":
+        return MLP(1, [40, 40], 1)
+    return apply_batchnorm_policy(Conv4(n_classes=5, in_channels=1, filters=32, image_size=28, pool="max"),
+                                  "transductive")  # fmt: skip
+
+
+def meta_batches(case: Case, count: int, seed: int) -> list[list[Episode]]:
+    """`count` meta-batches: random 28x28 'images' of 5 classes (1 support + 15 queries each), or
+    sinusoid regression tasks (amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5])."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        batch = []
+        for _ in range(case.meta_batch):
+            if case.model == "sinusoid":
+                amplitude, phase = 0.1 + 4.9 * torch.rand((), generator=g), torch.pi * torch.rand((), generator=g)
+                x, xq = torch.rand(10, 1, generator=g) * 10 - 5, torch.rand(10, 1, generator=g) * 10 - 5
+                batch.append(Episode(x, amplitude * torch.sin(x - phase), xq, amplitude * torch.sin(xq - phase)))
+            else:
+                y, yq = torch.arange(5), torch.arange(5).repeat_interleave(15)
+                batch.append(Episode(torch.rand(5, 1, 28, 28, generator=g), y,
+                                     torch.rand(75, 1, 28, 28, generator=g), yq))  # fmt: skip
+        out.append(batch)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations: each holds its own copy of the model and its outer Adam; `grads` fills the .grad
+# of its phi (model parameters, then Meta-SGD's learning rates) with the mean meta-gradient
+
+
+class Implementation:
+    def __init__(self, case: Case, seed: int) -> None:
+        self.case, self.model = case, make_model(case, seed)
+        self.lrs = [torch.full_like(p, case.inner_lr, requires_grad=True) for p in self.model.parameters()] \
+            if case.algorithm == "metasgd" else []  # fmt: skip
+
+    def phi(self) -> list[Tensor]:
+        return [*self.model.parameters(), *self.lrs]
+
+    def setup(self) -> None:
+        self.outer = torch.optim.Adam(self.phi(), lr=OUTER_LR)
+
+    def grads(self, episodes: Sequence[Episode]) -> None:
+        raise NotImplementedError
+
+    def step(self, episodes: Sequence[Episode]) -> None:
+        self.outer.zero_grad(set_to_none=True)
+        self.grads(episodes)
+        self.outer.step()
+
+    def gradient(self, episodes: Sequence[Episode]) -> Tensor:
+        for p in self.phi():
+            p.grad = None
+        self.grads(episodes)
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in self.phi()])
+
+    def adapted(self, name: str) -> bool:
+        return self.case.algorithm != "anil" or name.startswith("head.")
+
+
+class Metaloss(Implementation):
+    batched = False
+
+    def setup(self) -> None:
+        case = self.case
+        if case.algorithm == "metasgd":
+            inner_opt = MetaSGD(self.model, lr=case.inner_lr)  # its rates keyed by name, dots as "__"
+            self.lrs = [inner_opt.lrs[name.replace(".", "__")] for name, _ in self.model.named_parameters()]
+        else:
+            inner_opt = HyperparameterOptimizer("sgd", lr=case.inner_lr)
+        self.problem = BilevelProblem(self.model, LearnedInit(self.model), inner_opt, case.loss, case.loss,
+                                      case.steps, adapt=["head"] if case.algorithm == "anil" else None)  # fmt: skip
+        self.estimator = Unrolled("first_order" if case.first_order else "full", batched=self.batched)
+        self.outer = torch.optim.Adam(self.problem.meta_parameters(), lr=OUTER_LR)
+
+    def step(self, episodes: Sequence[Episode]) -> None:
+        meta_step(self.problem, self.estimator, self.outer, episodes)
+
+    def gradient(self, episodes: Sequence[Episode]) -> Tensor:
+        grads = self.estimator.estimate(self.problem, episodes).grads
+        by_id = {id(p): g for p, g in zip(self.problem.meta_parameters(), grads)}
+        return torch.cat([(torch.zeros_like(p) if by_id.get(id(p)) is None else by_id[id(p)]).flatten()
+                          for p in self.phi()])  # fmt: skip
+
+
+class MetalossBatched(Metaloss):
+    batched = True
+
+
+class Loop(Implementation):
+    """The textbook loop: fast weights as a dict, `functional_call`, `torch.autograd.grad`."""
+
+    def grads(self, episodes: Sequence[Episode]) -> None:
+        case, named = self.case, dict(self.model.named_parameters())
+        lrs = dict(zip(named, self.lrs)) if self.lrs else {}
+        for ep in episodes:
+            params = dict(named)
+            for _ in range(case.steps):
+                loss = case.loss(functional_call(self.model, params, (ep.support_x,)), ep.support_y)
+                names = [n for n in params if self.adapted(n)]
+                grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not case.first_order)
+                for n, g in zip(names, grads):
+                    params[n] = params[n] - (lrs[n] if lrs else case.inner_lr) * g
+            loss = case.loss(functional_call(self.model, params, (ep.query_x,)), ep.query_y)
+            (loss / len(episodes)).backward()
+
+
+class Higher(Implementation):
+    """higher's `innerloop_ctx` around torch.optim.SGD (one parameter group per tensor for Meta-SGD,
+    its rates passed through `override`); first order through `grad_callback` detaching the grads."""
+
+    def setup(self) -> None:
+        super().setup()
+        params = [p for n, p in self.model.named_parameters() if self.adapted(n)]
+        self.inner = torch.optim.SGD([{"params": [p]} for p in params], lr=self.case.inner_lr)
+
+    def grads(self, episodes: Sequence[Episode]) -> None:
+        import higher
+
+        case = self.case
+        override = {"lr": self.lrs} if self.lrs else None
+        callback = (lambda gs: [g.detach() for g in gs]) if case.first_order else None
+        for ep in episodes:
+            with higher.innerloop_ctx(self.model, self.inner, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(case.steps):
+                    diffopt.step(case.loss(fmodel(ep.support_x), ep.support_y), override=override,
+                                 grad_callback=callback)  # fmt: skip
+                (case.loss(fmodel(ep.query_x), ep.query_y) / len(episodes)).backward()
+
+
+class Learn2Learn(Implementation):
+    """learn2learn's `MAML` (ANIL: `MAML` of the head, the body in the outer graph) or `MetaSGD`:
+    `clone()`, `adapt(loss)`, query loss backward."""
+
+    def setup(self) -> None:
+        import learn2learn as l2l
+
+        case = self.case
+        if case.algorithm == "metasgd":
+            self.learner = l2l.algorithms.MetaSGD(self.model, lr=case.inner_lr, first_order=case.first_order)
+            self.lrs = list(self.learner.lrs)
+        elif case.algorithm == "anil":
+            self.learner = l2l.algorithms.MAML(self.model.head, lr=case.inner_lr, first_order=case.first_order)
+        else:
+            self.learner = l2l.algorithms.MAML(self.model, lr=case.inner_lr, first_order=case.first_order)
+        super().setup()
+
+    def grads(self, episodes: Sequence[Episode]) -> None:
+        case = self.case
+        body = self.model.features if case.algorithm == "anil" else nn.Identity()
+        for ep in episodes:
+            learner = self.learner.clone()
+            for _ in range(case.steps):
+                learner.adapt(case.loss(learner(body(ep.support_x)), ep.support_y))
+            (case.loss(learner(body(ep.query_x)), ep.query_y) / len(episodes)).backward()
+
+
+class TorchOpt(Implementation):
+    """TorchOpt's MAML example: `torchopt.MetaSGD` steps the module in place, `extract_state_dict` /
+    `recover_state_dict` reset it between tasks; first order through the functional `torchopt.sgd`
+    on detached gradients."""
+
+    def setup(self) -> None:
+        import torchopt
+
+        super().setup()
+        self.adapted_module = self.model.head if self.case.algorithm == "anil" else self.model
+        self.inner = torchopt.MetaSGD(self.adapted_module, lr=self.case.inner_lr)
+        self.functional_sgd = torchopt.sgd(lr=self.case.inner_lr)
+
+    def grads(self, episodes: Sequence[Episode]) -> None:
+        import torchopt
+
+        case = self.case
+        if case.first_order:
+            named = dict(self.model.named_parameters())
+            names = [n for n in named if self.adapted(n)]
+            for ep in episodes:
+                params, state = dict(named), self.functional_sgd.init([named[n] for n in names])
+                for _ in range(case.steps):
+                    loss = case.loss(functional_call(self.model, params, (ep.support_x,)), ep.support_y)
+                    grads = [g.detach() for g in torch.autograd.grad(loss, [params[n] for n in names])]
+                    updates, state = self.functional_sgd.update(grads, state, inplace=False)
+                    new = torchopt.apply_updates([params[n] for n in names], updates, inplace=False)
+                    params.update(zip(names, new))
+                loss = case.loss(functional_call(self.model, params, (ep.query_x,)), ep.query_y)
+                (loss / len(episodes)).backward()
+            return
+        net_state = torchopt.extract_state_dict(self.adapted_module, by="reference", detach_buffers=True)
+        opt_state = torchopt.extract_state_dict(self.inner, by="reference")
+        for ep in episodes:
+            for _ in range(case.steps):
+                self.inner.step(case.loss(self.model(ep.support_x), ep.support_y))
+            (case.loss(self.model(ep.query_x), ep.query_y) / len(episodes)).backward()
+            torchopt.recover_state_dict(self.adapted_module, net_state)
+            torchopt.recover_state_dict(self.inner, opt_state)
+
+
+CLASSES: dict[str, type[Implementation]] = {
+    "metaloss": Metaloss, "metaloss_batched": MetalossBatched, "higher": Higher, "learn2learn": Learn2Learn,
+    "torchopt": TorchOpt, "loop": Loop,
+}  # fmt: skip
+
+
+def build(case: Case, name: str, seed: int) -> Implementation:
+    impl = CLASSES[name](case, seed)
+    impl.setup()
+    return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def peak_growth_child(case_json: str, impl_name: str, args: argparse.Namespace) -> dict[str, float]:
+    """In this (fresh) process: the resident-set peak over warm-up + 1 meta-steps, minus the
+    resident set before them, in MB."""
+    torch.set_num_threads(args.threads)
+    case = Case(**json.loads(case_json))
+    impl = build(case, impl_name, args.seed)
+    batches = meta_batches(case, args.warmup + 1, args.seed + 1)
+
+    def status(key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return float(line.split()[1]) / 1024  # kB -> MB
+        raise RuntimeError(f"no {key} in /proc/self/status")
+
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    before = status("VmRSS")
+    for batch in batches:
+        impl.step(batch)
+    return {"peak_growth_mb": status("VmHWM") - before, "rss_before_mb": before}
+
+
+def memory(case: Case, impl_name: str, args: argparse.Namespace) -> dict[str, float]:
+    """`peak_growth_child` in a fresh process (a child's getrusage would inherit the parent's peak)."""
+    command = [sys.executable, __file__, "--child", json.dumps(case.__dict__), impl_name,
+               "--threads", str(args.threads), "--warmup", str(args.warmup), "--seed", str(args.seed)]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
+    case = CASES[case_name]
+    names = [n for n in IMPLEMENTATIONS[case.algorithm] if n not in args.skip]
+    impls = {n: build(case, n, args.seed) for n in names}
+
+    probe = meta_batches(case, 1, args.seed)[0]  # gradients at the initial phi, before any step
+    reference = impls["metaloss"].gradient(probe)
+    scale = reference.abs().max().item()
+    difference = {n: (impl.gradient(probe) - reference).abs().max().item() / scale for n, impl in impls.items()}
+
+    batches = meta_batches(case, args.warmup + args.repeats, args.seed + 1)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for round_ in range(args.warmup + args.repeats):
+        for n in names if round_ % 2 == 0 else reversed(names):
+            started = time.perf_counter()
+            impls[n].step(batches[round_])
+            if round_ >= args.warmup:
+                seconds[n].append(time.perf_counter() - started)
+    rows = {}
+    for n in names:
+        rows[n] = {"median_s": round(statistics.median(seconds[n]), 4), "min_s": round(min(seconds[n]), 4),
+                   "grad_max_rel_difference": difference[n]}  # fmt: skip
+        if not args.no_memory:
+            rows[n].update({k: round(v, 1) for k, v in memory(case, n, args).items()})
+        print(f"{case_name} {n}: {rows[n]}", file=sys.stderr)
+    fastest_peer = min((n for n in names if not n.startswith("metaloss")), key=lambda n: rows[n]["median_s"])
+    # what a user gets: the configs' hypergrad.batched=auto
+    auto = "metaloss_batched" if batching_pays(impls["metaloss"].problem, probe) else "metaloss"
+    return {
+        "case": case_name,
+        "setting": case.__dict__,
+        "implementations": rows,
+        "fastest_peer": fastest_peer,
+        "metaloss_auto": auto,
+        "auto_over_fastest_peer": round(rows[auto]["median_s"] / rows[fastest_peer]["median_s"], 3),
+        "auto_memory_over_lowest_peer": None
+        if args.no_memory
+        else round(
+            rows[auto]["peak_growth_mb"]
+            / min(rows[n]["peak_growth_mb"] for n in names if not n.startswith("metaloss")),
+            3,
+        ),
+    }
+
+
+def versions() -> dict[str, str | bool]:
+    out: dict[str, str | bool] = {"torch": torch.__version__}
+    for package in ("higher", "learn2learn", "torchopt"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    try:
+        import torchopt
+
+        out["torchopt_compiled_ops_loaded"] = bool(torchopt.accelerated_op_available())
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--skip", nargs="*", default=[], choices=sorted(CLASSES), help="implementations to leave out")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPLEMENTATION"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("need --repeats >= 1, --warmup >= 0, --threads >= 1")
+    if args.child:
+        print(json.dumps(peak_growth_child(*args.child, args)))
+        return
+    if "metaloss" in args.skip:
+        parser.error("metaloss is the reference of the gradient differences; it cannot be skipped")
+    torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
+    rows = [run_case(name, args) for name in args.cases]
+    result = {
+        "benchmark": "peers",
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "versions": versions(),
+        "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
+        "load_average_at_start": [round(x, 2) for x in load_at_start],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "cases": rows,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
