@@ -66,6 +66,7 @@ def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: 
     return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
 
 
+MIN_BATCHED_TASKS = 4  # batched="auto": fewer tasks run faster one by one (benchmarks/peers/scaling.py)
 TaskLoss = Callable[[BilevelProblem, Episode], tuple[Tensor, dict[str, Tensor]]]
 
 
@@ -87,12 +88,16 @@ def check_batchable(problem: BilevelProblem, episodes: Sequence[Episode]) -> Non
 
 def batching_pays(problem: BilevelProblem, episodes: Sequence[Episode]) -> bool:
     """The rule of `batched="auto"`: one vmap over the tasks where it was measured faster, the task
-    loop elsewhere. On a 2-core CPU (benchmarks/unrolled_batched_vs_loop.py, benchmarks/peers) the
-    vmap batch took 0.18x the loop's time for the sinusoid MLP and 1.3x to 3.5x for a Conv-4 (one
-    task's convolutions already keep the cores busy; vmapped convolutions are slower kernels), so:
-    batched when the tasks can be batched (`check_batchable`) and the model has no convolution.
-    Not measured on a GPU, where the same rule applies. A model with dropout runs task by task too: in
-    one vmap every task would draw the same masks, in the loop each task draws its own."""
+    loop elsewhere. On a 2-core CPU (benchmarks/peers: run.py and scaling.py) the vmap batch of the
+    sinusoid MLP took 0.19x the loop's meta-step at meta-batch 25, 0.1x at 64, but 2.4x at 1 and
+    1.5x at 2 (even at 4); for a Conv-4 it was 1.6x to 3.7x slower at every meta-batch (one task's
+    convolutions already keep the cores busy; vmapped convolutions run slower kernels). So: batched
+    when the tasks can be batched (`check_batchable`), there are at least `MIN_BATCHED_TASKS` of
+    them and the model has no convolution. Not measured on a GPU, where the same rule applies. A
+    model with dropout runs task by task too: in one vmap every task would draw the same masks, in
+    the loop each task draws its own."""
+    if len(episodes) < MIN_BATCHED_TASKS:
+        return False
     slower_or_different = (torch.nn.modules.conv._ConvNd, torch.nn.modules.dropout._DropoutNd)
     if any(isinstance(m, slower_or_different) for m in problem.model.modules()):
         return False

@@ -1,11 +1,12 @@
 """Distributed meta-training as a user launches it: `torchrun --nproc_per_node=2 scripts/meta_train.py`
-on this CPU (gloo). A meta-batch split over 2 ranks gives the single-process update (unrolled, first
-order, implicit, ES-Single; antithetic ES with its pairs split instead): after three plain-SGD outer
-steps in float64 the meta-parameters equal those of one process to float tolerance, and the gathered
-meta-test equals the single-process one; a run killed on 2 ranks resumes on 1 to the uninterrupted
-1-rank result; a rank that dies ends the job with an error instead of a hang; only rank 0 writes.
-The noisy-label training runs (the online regime) are data-parallel: 2 ranks give the 1-rank run,
-and a run killed on 2 ranks resumes on 1."""
+on this CPU (gloo). A meta-batch split over 2 ranks gives the single-process update (unrolled with
+each rank's tasks as one vmap batch and task by task, first order, implicit, ES-Single; antithetic
+ES with its pairs split instead): after three plain-SGD outer steps in float64 the meta-parameters
+equal those of one process to float tolerance, and the gathered meta-test equals the single-process
+one; a run killed on 2 ranks resumes on 1 to the uninterrupted 1-rank result; a rank that dies ends
+the job with an error instead of a hang; only rank 0 writes. The noisy-label training runs (the
+online regime) are data-parallel: 2 ranks give the 1-rank run, and a run killed on 2 ranks resumes
+on 1."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ SMALL = ["train.meta_steps=3", "train.meta_batch=3", "test.num_tasks=3", "dtype=
          "progress=false", "threads=1", "logger=none", "baseline.enabled=false", "train.validate_every=2",
          "train.val_tasks=3"]  # fmt: skip
 ESTIMATORS = {
-    "unrolled": ["algorithm=maml"],
+    "unrolled": ["algorithm=maml", "hypergrad.batched=true"],  # each rank's tasks as one vmap batch
+    "unrolled_task_loop": ["algorithm=maml", "hypergrad.batched=false"],
     "first_order": ["algorithm=fomaml"],
     # a proximal term strong enough for CG to converge: unconverged CG on an indefinite Hessian (the default
     # strength on the sinusoid leaves a relative residual of 0.2) amplifies rounding, e.g. of the task order

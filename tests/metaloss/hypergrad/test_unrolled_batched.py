@@ -120,12 +120,14 @@ def test_episodes_of_different_shapes_are_refused() -> None:
 def test_auto_batches_a_multilayer_perceptron_and_loops_over_a_convnet_or_what_cannot_be_batched() -> None:
     mlp, conv = make_problem("sgd_learned_lr"), conv4_problem()[0]
     auto = Unrolled(batched="auto")
-    assert auto.batches(mlp, make_episodes(3))
-    assert not auto.batches(conv, conv4_problem()[1])  # measured slower batched on a CPU
-    ragged = make_episodes(2)
+    assert auto.batches(mlp, make_episodes(4))
+    assert not auto.batches(mlp, make_episodes(3))  # too few tasks to pay (measured)
+    conv_episodes = conv4_problem()[1]
+    assert not auto.batches(conv, conv_episodes + conv_episodes)  # measured slower batched on a CPU
+    ragged = make_episodes(4)
     ragged[1] = Episode(ragged[1].support_x[:4], ragged[1].support_y[:4], ragged[1].query_x, ragged[1].query_y)
     assert not auto.batches(mlp, ragged)  # the loop, where a vmap would refuse
-    assert_same(auto.estimate(mlp, make_episodes(3)), Unrolled().estimate(mlp, make_episodes(3)))
+    assert_same(auto.estimate(mlp, make_episodes(4)), Unrolled().estimate(mlp, make_episodes(4)))
     assert auto.estimate(mlp, ragged).grads[0] is not None
     with pytest.raises(ConfigError, match="batched must be"):
         Unrolled(batched="sometimes")
@@ -137,9 +139,9 @@ def test_auto_falls_back_to_the_loop_where_vmap_refuses_an_operation() -> None:
 
     problem = dataclasses.replace(make_problem("sgd_learned_lr"), inner_loss=loss_with_a_data_dependent_branch)
     with pytest.raises(RuntimeError, match="vmap"):
-        Unrolled(batched=True).estimate(problem, make_episodes(3))
+        Unrolled(batched=True).estimate(problem, make_episodes(4))
     auto = Unrolled(batched="auto")
     with pytest.warns(UserWarning, match="vmap refused"):
-        out = auto.estimate(problem, make_episodes(3))
-    assert auto.vmap_refused and not auto.batches(problem, make_episodes(3))
-    assert_same(out, Unrolled().estimate(problem, make_episodes(3)))
+        out = auto.estimate(problem, make_episodes(4))
+    assert auto.vmap_refused and not auto.batches(problem, make_episodes(4))
+    assert_same(out, Unrolled().estimate(problem, make_episodes(4)))
