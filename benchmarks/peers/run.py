@@ -49,10 +49,10 @@ from torch.func import functional_call
 
 from metaloss.engine import meta_step
 from metaloss.functional import apply_batchnorm_policy
-from metaloss.hypergrad import Unrolled
+from metaloss.hypergrad import Implicit, Unrolled
 from metaloss.hypergrad.base import batching_pays
 from metaloss.losses import cross_entropy, mse
-from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD
+from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD, Proximal
 from metaloss.models import MLP, Conv4
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode
@@ -61,7 +61,9 @@ from metaloss.types import Episode
 @dataclass(frozen=True)
 class Case:
     """model: "conv4" or "sinusoid"; algorithm: "maml" (all parameters adapt), "anil" (the head only),
-    "metasgd" (learned per-element inner learning rates); steps: inner SGD steps."""
+    "metasgd" (learned per-element inner learning rates), "imaml" (iMAML: the proximal inner objective
+    L_s(w) + lambda/2 ||w - w0||^2 solved by `steps` SGD steps, the implicit meta-gradient by
+    `CG_ITERATIONS` of conjugate gradient); steps: inner SGD steps."""
 
     model: str
     algorithm: str = "maml"
@@ -82,14 +84,17 @@ CASES = {
     "anil_1step": Case("conv4", algorithm="anil"),
     "metasgd_1step": Case("conv4", algorithm="metasgd"),
     "sinusoid": Case("sinusoid", meta_batch=25, inner_lr=0.01),
+    "imaml_10step": Case("conv4", algorithm="imaml", steps=10, meta_batch=8, inner_lr=0.1),
 }
 # which implementations a case runs (a peer without the algorithm is left out, not approximated)
 IMPLEMENTATIONS = {
     "maml": ("metaloss", "metaloss_batched", "higher", "learn2learn", "torchopt", "loop"),
     "anil": ("metaloss", "metaloss_batched", "higher", "learn2learn", "torchopt", "loop"),
     "metasgd": ("metaloss", "metaloss_batched", "higher", "learn2learn", "loop"),
+    "imaml": ("metaloss", "torchopt"),
 }
 OUTER_LR = 1e-3
+PROXIMAL, CG_ITERATIONS = 2.0, 5  # iMAML: lambda of the proximal term, conjugate-gradient iterations (no early stop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,9 +174,12 @@ class Metaloss(Implementation):
             self.lrs = [inner_opt.lrs[name.replace(".", "__")] for name, _ in self.model.named_parameters()]
         else:
             inner_opt = HyperparameterOptimizer("sgd", lr=case.inner_lr)
+        imaml = case.algorithm == "imaml"
         self.problem = BilevelProblem(self.model, LearnedInit(self.model), inner_opt, case.loss, case.loss,
-                                      case.steps, adapt=["head"] if case.algorithm == "anil" else None)  # fmt: skip
-        self.estimator = Unrolled("first_order" if case.first_order else "full", batched=self.batched)
+                                      case.steps, adapt=["head"] if case.algorithm == "anil" else None,
+                                      inner_regularizer=Proximal(PROXIMAL) if imaml else None)  # fmt: skip
+        self.estimator = Implicit("cg", iterations=CG_ITERATIONS, tol=0.0) if imaml else \
+            Unrolled("first_order" if case.first_order else "full", batched=self.batched)  # fmt: skip
         self.outer = torch.optim.Adam(self.problem.meta_parameters(), lr=OUTER_LR)
 
     def step(self, episodes: Sequence[Episode]) -> None:
@@ -273,6 +281,8 @@ class TorchOpt(Implementation):
         import torchopt
 
         case = self.case
+        if case.algorithm == "imaml":
+            return self.implicit_grads(episodes)
         if case.first_order:
             named = dict(self.model.named_parameters())
             names = [n for n in named if self.adapted(n)]
@@ -295,6 +305,37 @@ class TorchOpt(Implementation):
             (case.loss(self.model(ep.query_x), ep.query_y) / len(episodes)).backward()
             torchopt.recover_state_dict(self.adapted_module, net_state)
             torchopt.recover_state_dict(self.inner, opt_state)
+
+    def implicit_grads(self, episodes: Sequence[Episode]) -> None:
+        """iMAML with TorchOpt's implicit differentiation (`custom_root` over the inner solver, its
+        optimality condition grad_w [L_s(w) + lambda/2 ||w - w0||^2] = 0, `solve_cg` without early stop)."""
+        import torchopt
+
+        case, names = self.case, [n for n, _ in self.model.named_parameters()]
+
+        def inner_objective(params, meta_params, x, y):
+            loss = case.loss(functional_call(self.model, dict(zip(names, params)), (x,)), y)
+            return loss + 0.5 * PROXIMAL * sum(((p - m) ** 2).sum() for p, m in zip(params, meta_params))
+
+        optimality = torch.func.grad(inner_objective, argnums=0)  # as TorchOpt's iMAML example
+
+        @torchopt.diff.implicit.custom_root(
+            optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=CG_ITERATIONS, rtol=0.0)
+        )
+        def solve(params, meta_params, x, y):  # fmt: skip
+            meta_params = [m.detach() for m in meta_params]
+            with torch.enable_grad():
+                for _ in range(case.steps):
+                    params = [p.detach().requires_grad_() for p in params]
+                    grads = torch.autograd.grad(inner_objective(params, meta_params, x, y), params)
+                    params = [p - case.inner_lr * g for p, g in zip(params, grads)]
+            return tuple(p.detach() for p in params)
+
+        meta_params = tuple(self.model.parameters())
+        for ep in episodes:
+            solution = solve(meta_params, meta_params, ep.support_x, ep.support_y)
+            loss = case.loss(functional_call(self.model, dict(zip(names, solution)), (ep.query_x,)), ep.query_y)
+            (loss / len(episodes)).backward()
 
 
 CLASSES: dict[str, type[Implementation]] = {
