@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from metaloss.checkpoint import CheckpointError, load_meta_state, rng_state, set_rng_state
 from metaloss.distributed import Distributed
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator, check_batchable
+from metaloss.hypergrad.base import HypergradEstimator, batching_pays, check_batchable, vmap_refusal
 from metaloss.hypergrad.es import AntitheticES
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.problem import BilevelProblem
@@ -293,19 +294,22 @@ def evaluate(
     progress: bool = False,
     desc: str = "meta-test",
     distributed: Distributed | None = None,
-    batch_tasks: int = 1,
+    batch_tasks: int | str = 1,
 ) -> dict[str, float]:
     """Meta-test: adapt on episodes 0..num_tasks-1 of `sampler` and measure the query loss (and
     the problem's metric) after each number of inner steps in `steps`. With `distributed`, each rank
     adapts on its share of the tasks and the results are gathered (the same numbers on every rank).
     batch_tasks: adapt this many tasks at once, as one `torch.func.vmap` batch (the same numbers as
-    one at a time; needs episodes of one shape, see `check_batchable`); 1: one after another.
+    one at a time; needs episodes of one shape, see `check_batchable`); 1: one after another; "auto":
+    `AUTO_BATCH_TASKS` at once where `batching_pays` for the first of them (an MLP: yes; a convnet: no),
+    falling back to one at a time, with a warning, where vmap refuses an operation of the problem.
 
     Returns {"loss_step{t}": mean, "loss_step{t}_ci95": half-width, ...} over the tasks.
     """
-    if num_tasks < 1 or not steps or min(steps) < 0 or batch_tasks < 1:
-        raise ConfigError(f"evaluation needs num_tasks >= 1, steps >= 0 and batch_tasks >= 1, got {num_tasks}, "
-                          f"{list(steps)} and {batch_tasks}")  # fmt: skip
+    if batch_tasks != "auto" and (isinstance(batch_tasks, str) or batch_tasks < 1):
+        raise ConfigError(f"batch_tasks must be >= 1 or 'auto', got {batch_tasks!r}")
+    if num_tasks < 1 or not steps or min(steps) < 0:
+        raise ConfigError(f"evaluation needs num_tasks >= 1 and steps >= 0, got {num_tasks} and {list(steps)}")
     distributed = distributed or Distributed()
     wanted = set(steps)
     rows: list[dict[str, float]] = []  # per task of this rank: {"<metric>_step<t>": value}
@@ -316,15 +320,35 @@ def evaluate(
                 _, metrics = problem.query_loss(params, episode)
             rows[-1].update({f"{name}_step{t}": float(value) for name, value in metrics.items()})
 
+    def episodes_from(first: int, count: int) -> list[Episode]:
+        return [sampler.episode(i).to(device, dtype) for i in range(first, min(first + count, stop))]
+
     start, stop = distributed.shard(num_tasks)
-    for first in tqdm(range(start, stop, batch_tasks), desc=desc, disable=not progress, dynamic_ncols=True):
-        if batch_tasks > 1:
-            episodes = [sampler.episode(i).to(device, dtype) for i in range(first, min(first + batch_tasks, stop))]
-            rows += _evaluate_batch(problem, episodes, wanted)
-            continue
+    size = batch_tasks
+    if batch_tasks == "auto":
+        size = AUTO_BATCH_TASKS if batching_pays(problem, episodes_from(start, AUTO_BATCH_TASKS)) else 1
+    bar = tqdm(total=stop - start, desc=desc, disable=not progress, dynamic_ncols=True)
+    first = start
+    while first < stop:
+        if size > 1:
+            episodes = episodes_from(first, size)
+            try:
+                rows += _evaluate_batch(problem, episodes, wanted)
+                first += len(episodes)
+                bar.update(len(episodes))
+                continue
+            except RuntimeError as err:
+                if batch_tasks != "auto" or not vmap_refusal(err):
+                    raise
+                warnings.warn(f"test.batch_tasks=auto: the tasks are adapted one by one, vmap refused the problem: "
+                              f"{str(err).splitlines()[0][:200]}", stacklevel=2)  # fmt: skip
+                size = 1
         episode = sampler.episode(first).to(device, dtype)
         rows.append({})
         problem.adapt_to(episode, steps=max(steps), second_order=False, differentiable_steps=0, on_step=on_step)
+        first += 1
+        bar.update(1)
+    bar.close()
     record: dict[str, list[float]] = {}
     for row in distributed.gather(rows):  # in task order
         for name, value in row.items():
@@ -333,6 +357,9 @@ def evaluate(
     for name, values in record.items():
         result[name], result[f"{name}_ci95"] = mean_ci95(values)
     return result
+
+
+AUTO_BATCH_TASKS = 32  # evaluate(batch_tasks="auto"): tasks adapted at once where batching pays
 
 
 def _evaluate_batch(problem: BilevelProblem, episodes: list[Episode], wanted: set[int]) -> list[dict[str, float]]:

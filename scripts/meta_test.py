@@ -77,10 +77,11 @@ def main(cfg: DictConfig) -> None:
         steps = list(cfg.test.steps if cfg.test.steps is not None else trained.test.steps)
         sampler = splits.test
         num_tasks = min(cfg.test.num_tasks, len(sampler)) if hasattr(sampler, "__len__") else cfg.test.num_tasks
-        batch_tasks = int(cfg.test.get("batch_tasks", 1))
-        if num_tasks < 1 or not steps or min(steps) < 0 or batch_tasks < 1:
-            raise ConfigError(f"test.num_tasks and test.batch_tasks must be >= 1 and test.steps >= 0, got "
-                              f"{num_tasks}, {batch_tasks}, {steps}")  # fmt: skip
+        batch_tasks = cfg.test.get("batch_tasks", "auto")
+        if num_tasks < 1 or not steps or min(steps) < 0 or not (batch_tasks == "auto" or (type(batch_tasks) is int
+                                                                                       and batch_tasks >= 1)):
+            raise ConfigError(f"test.num_tasks must be >= 1, test.batch_tasks >= 1 or auto and test.steps >= 0, got "
+                              f"{num_tasks}, {batch_tasks!r}, {steps}")  # fmt: skip
         dtype = dtype_of(trained)
         first = sampler.episode(0).to(trained.device, dtype)
         try:

@@ -53,7 +53,7 @@ class TrainSettings:
 @dataclass
 class TestSettings:
     num_tasks: int = 600
-    batch_tasks: int = 1
+    batch_tasks: Any = "auto"  # an int >= 1 or "auto"
     steps: list[int] = field(default_factory=lambda: [0, 1, 10])
 
 
@@ -188,7 +188,8 @@ def validate_meta_train(cfg: DictConfig) -> MetaTrainSettings:
     _require(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0: at the end), got {t.checkpoint_every}")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(s.test.num_tasks >= 1, f"test.num_tasks must be >= 1, got {s.test.num_tasks}")
-    _require(s.test.batch_tasks >= 1, f"test.batch_tasks must be >= 1, got {s.test.batch_tasks}")
+    _require(s.test.batch_tasks == "auto" or (type(s.test.batch_tasks) is int and s.test.batch_tasks >= 1),
+             f"test.batch_tasks must be an int >= 1 or auto, got {s.test.batch_tasks!r}")  # fmt: skip
     _require(bool(s.test.steps) and min(s.test.steps) >= 0, f"test.steps must be a non-empty list of ints >= 0, got "
              f"{s.test.steps}")  # fmt: skip
     _require(b.enabled in (True, False, "auto"), f"baseline.enabled must be true, false or auto, got {b.enabled!r}")

@@ -23,8 +23,9 @@ initial phi, against metaloss's (max |difference| / max |ours|, float32).
 Cases: MAML on a Conv-4 (32 filters, max-pool, transductive BatchNorm, 28x28x1), 5-way 1-shot
 15-query, meta-batch 32, inner SGD lr 0.4: 1 and 5 steps second order, 1 step first order; ANIL
 (head-only adaptation) and Meta-SGD on the same; the default sinusoid job (MLP 1-40-40-1,
-meta-batch 25, 10 + 10 points, one inner SGD step at lr 0.01). Writes benchmarks/results/peers.json;
-the last stdout line is the JSON.
+meta-batch 25, 10 + 10 points, one inner SGD step at lr 0.01); iMAML (`--cases imaml_10step`: meta-batch 8,
+10 proximal SGD steps, 5 CG iterations) against TorchOpt's implicit differentiation (`custom_root`).
+Writes benchmarks/results/peers.json; the last stdout line is the JSON.
 """
 
 from __future__ import annotations

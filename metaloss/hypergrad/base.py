@@ -108,6 +108,13 @@ def batching_pays(problem: BilevelProblem, episodes: Sequence[Episode]) -> bool:
     return True
 
 
+def vmap_refusal(err: RuntimeError) -> bool:
+    """Whether `err` is torch.func.vmap refusing an operation (data-dependent control flow, `.item()`,
+    an op without a batching rule), not an error of the problem itself."""
+    message = str(err).lower()
+    return "vmap" in message or "batching rule" in message
+
+
 def mean_over_tasks_batched(problem: BilevelProblem, episodes: Sequence[Episode], task_loss: TaskLoss,
                             chunk: int | None = None) -> HypergradOut:  # fmt: skip
     """The mean of `mean_over_tasks` from one batch: the B episodes stacked, and the gradient of

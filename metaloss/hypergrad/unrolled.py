@@ -25,17 +25,18 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator, batching_pays, mean_over_tasks, mean_over_tasks_batched
+from metaloss.hypergrad.base import (
+    HypergradEstimator,
+    batching_pays,
+    mean_over_tasks,
+    mean_over_tasks_batched,
+    vmap_refusal,
+)
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
 MODES = ("full", "first_order", "truncated")
 
-
-def _vmap_refusal(err: RuntimeError) -> bool:
-    """Whether `err` is torch.func.vmap refusing an operation (not an error of the problem itself)."""
-    message = str(err).lower()
-    return "vmap" in message or "batching rule" in message
 
 
 class Unrolled(HypergradEstimator):
@@ -63,7 +64,7 @@ class Unrolled(HypergradEstimator):
             try:
                 return mean_over_tasks_batched(problem, episodes, self._task_loss, self.chunk)
             except RuntimeError as err:  # an op vmap cannot batch (data-dependent control flow, .item())
-                if self.batched != "auto" or not _vmap_refusal(err):
+                if self.batched != "auto" or not vmap_refusal(err):
                     raise
                 self.vmap_refused = True  # the loop from now on: the same hypergradient
                 warnings.warn(f"hypergrad.batched=auto: the tasks run one by one, vmap refused the problem: "

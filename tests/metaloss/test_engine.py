@@ -10,6 +10,7 @@ import torch
 from metaloss.baselines import train_jointly
 from metaloss.checkpoint import load_checkpoint, save_checkpoint
 from metaloss.engine import MetaTrainer, evaluate, mean_ci95, meta_step, meta_train
+from metaloss.errors import ConfigError
 from metaloss.hypergrad import Unrolled
 from metaloss.losses import mse
 from metaloss.meta import HyperparameterOptimizer, LearnedInit
@@ -65,6 +66,33 @@ def test_evaluate_with_tasks_batched_gives_the_numbers_of_the_loop(batch_tasks: 
     for k in loop:
         assert batched[k] == pytest.approx(loop[k], rel=1e-12, abs=1e-14), k
     assert loop["loss_step3"] < loop["loss_step0"]
+
+
+def test_evaluate_auto_batches_what_vmap_takes_and_falls_back_to_the_loop_where_it_does_not() -> None:
+    """batch_tasks="auto": 32 tasks at once for an MLP (the same numbers as the loop, float64, 40 tasks:
+    a ragged last batch); a loss with data-dependent control flow is refused by vmap, so auto warns
+    and adapts one task at a time, again with the loop's numbers; an explicit batch size raises."""
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).double()
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.05), mse, mse, 1)
+    sampler = SinusoidSampler(seed=3, split="test")
+    loop = evaluate(problem, sampler, 40, steps=(0, 2), dtype=torch.float64)
+    auto = evaluate(problem, sampler, 40, steps=(0, 2), dtype=torch.float64, batch_tasks="auto")
+    for k in loop:
+        assert auto[k] == pytest.approx(loop[k], rel=1e-12, abs=1e-14), k
+
+    def branching_mse(prediction, target):
+        return mse(prediction, target) * (2.0 if bool(target.sum() > 0) else 1.0)
+
+    problem.inner_loss = branching_mse
+    loop = evaluate(problem, sampler, 40, steps=(0, 2), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="vmap refused"):
+        auto = evaluate(problem, sampler, 40, steps=(0, 2), dtype=torch.float64, batch_tasks="auto")
+    assert auto == loop
+    with pytest.raises(RuntimeError, match="vmap"):
+        evaluate(problem, sampler, 40, steps=(0, 2), dtype=torch.float64, batch_tasks=8)
+    with pytest.raises(ConfigError, match="batch_tasks"):
+        evaluate(problem, sampler, 40, steps=(0, 2), batch_tasks="sometimes")
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:
