@@ -38,7 +38,6 @@ from metaloss.types import Episode, HypergradOut
 MODES = ("full", "first_order", "truncated")
 
 
-
 class Unrolled(HypergradEstimator):
     """Unrolled hypergradient; `truncation` K is required by (and only used in) mode ``truncated``.
     batched: the tasks of a meta-batch as one vmap batch, `chunk` at a time (None: all); "auto": where
