@@ -7,7 +7,9 @@ batch (`Unrolled(batched=True)`), side by side in one process, alternating: seco
 Cases: the default sinusoid job's shapes (MLP 1-40-40-1, meta-batch 25 of 10 support and 10 query
 points, one inner SGD step at lr 0.01; second and first order, and 5 inner steps), and MAML's
 Omniglot 5-way 1-shot Conv-4 (64 filters, 28x28, transductive BatchNorm, one step at lr 0.4,
-meta-batch 4, random inputs of the real shapes, `es_batched_vs_loop.conv4_case`). Writes
+meta-batch 4, random inputs of the real shapes, `es_batched_vs_loop.conv4_case`), and an MLP of the
+MNIST-1D tasks' shapes with 25 minibatched inner steps (meta-batch 8), a larger MLP than the
+sinusoid's to test the `hypergrad.batched=auto` rule on. Writes
 benchmarks/results/unrolled_batched_vs_loop.json; the last stdout line is the JSON.
 """
 
@@ -27,7 +29,7 @@ import torch
 from es_batched_vs_loop import conv4_case
 
 from metaloss.hypergrad import Unrolled
-from metaloss.losses import mse
+from metaloss.losses import cross_entropy, mse
 from metaloss.meta import HyperparameterOptimizer, LearnedInit
 from metaloss.models import MLP
 from metaloss.problem import BilevelProblem
@@ -46,11 +48,25 @@ def sinusoid_job(steps: int = 1, tasks: int = 25) -> tuple[BilevelProblem, list[
     return problem, episodes
 
 
+def mnist1d_shaped_job(tasks: int = 8) -> tuple[BilevelProblem, list[Episode]]:
+    """The shapes of `task=mnist1d algorithm=ml3 problem.inner_steps=25 problem.inner_batch_size=50`
+    with cross-entropy: MLP 40-100-100-10, 300 support and 300 query rows, 25 minibatched SGD steps."""
+    model = MLP(40, [100, 100], 10)
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.1), cross_entropy,
+                             cross_entropy, 25, inner_batch_size=50, shuffle_seed=0)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    episodes = [Episode(torch.randn(300, 40, generator=g), torch.randint(10, (300,), generator=g),
+                        torch.randn(300, 40, generator=g), torch.randint(10, (300,), generator=g))
+                for _ in range(tasks)]  # fmt: skip
+    return problem, episodes
+
+
 CASES = {  # name: (problem and episodes, mode)
     "sinusoid MLP, meta-batch 25, 1 step, second order": (lambda: sinusoid_job(1), "full"),
     "sinusoid MLP, meta-batch 25, 1 step, first order": (lambda: sinusoid_job(1), "first_order"),
     "sinusoid MLP, meta-batch 25, 5 steps, second order": (lambda: sinusoid_job(5), "full"),
     "Conv-4 64 filters 28x28 5-way 1-shot, meta-batch 4, 1 step, second order": (conv4_case, "full"),
+    "MNIST-1D-shaped MLP 40-100-100-10, meta-batch 8, 25 minibatched steps, second order": (mnist1d_shaped_job, "full"),
 }
 
 

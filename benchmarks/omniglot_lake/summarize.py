@@ -1,5 +1,6 @@
 """Collect the runs of benchmarks/omniglot_lake/variants.sh into
-benchmarks/results/omniglot_lake_variants.{json,md,png}: per variant, the within-alphabet 20-way
+benchmarks/results/omniglot_lake_variants.{json,md,png} (variants recorded there before whose run
+directories are absent, e.g. made on another machine, are kept with their date): per variant, the within-alphabet 20-way
 validation error on Balinese (after the training inner steps, every 250 meta-steps, from TensorBoard)
 and the within-alphabet test error on Early_Aramaic after 1 and 10 inner steps (metrics.json). The
 final run on every alphabet (final.sh), when it has finished, is recorded beside them and its
@@ -58,21 +59,32 @@ def main() -> None:
             "test_error": {t: (round(100 * (1 - a), 2), round(100 * c, 2)) for t, (a, c) in test.items()},
             "test_tasks": m["test_tasks"],
         })  # fmt: skip
+    today = datetime.date.today().isoformat()
+    for r in rows:
+        r["recorded"] = today
+    # variants summarised before whose run directories are gone (another machine) are kept as recorded
+    previous_file = RESULTS / "omniglot_lake_variants.json"
+    previous = json.loads(previous_file.read_text()) if previous_file.exists() else {}
+    present = {r["variant"] for r in rows}
+    for r in previous.get("runs", []):
+        if r["variant"] not in present:
+            r.setdefault("recorded", previous.get("date"))
+            rows.append(r)
     if not rows:
         raise SystemExit(f"no finished runs under {RUNS}")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, one thread per run"
-    record = {"date": datetime.date.today().isoformat(), "machine": machine,
+    record = {"date": today, "machine": machine,
               "protocol": "20-way 1-shot MAML, train Greek, Japanese_(katakana), Korean, Latin, Sanskrit, Tagalog "
                           "(rotations as new classes); validation: 100 within-alphabet episodes of Balinese after the "
                           "training inner steps; test: within-alphabet episodes of Early_Aramaic",
-              "runs": rows, "final": keep_final()}  # fmt: skip
+              "runs": rows, "final": keep_final() or previous.get("final")}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "omniglot_lake_variants.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = ["| variant | changes | meta-steps | train min | val. error (Balinese) | test error, 1 step | "
              "test error, 10 steps |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["final_validation_error"] is None, r["final_validation_error"])):
-        tests = [f"{r['test_error'][t][0]:.1f} ± {r['test_error'][t][1]:.1f}" if t in r["test_error"] else "-"
-                 for t in (1, 10)]  # fmt: skip
+        errors = {int(t): e for t, e in r["test_error"].items()}  # JSON turned the step keys into strings
+        tests = [f"{errors[t][0]:.1f} ± {errors[t][1]:.1f}" if t in errors else "-" for t in (1, 10)]
         lines.append(f"| {r['variant']} | {' '.join(r['changes']) or '-'} | {r['meta_steps']} | {r['train_minutes']} | "
                      f"{r['final_validation_error']} | {tests[0]} | {tests[1]} |")  # fmt: skip
     (RESULTS / "omniglot_lake_variants.md").write_text(

@@ -27,6 +27,7 @@ run_one() {
     maxpool_affine) extra=("${maxpool[@]}" "$affine") ;;      # small affine transforms of training images
     maxpool_within) extra=("${maxpool[@]}" task.train_within_alphabet=true) ;;  # training episodes from one alphabet
     maxpool_lslr) extra=("${maxpool[@]}" inner_opt=lslr) ;;   # MAML++ learned per-layer per-step lr
+    maxpool_lslr_within) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true) ;;  # both
     maxpool_metasgd) extra=("${maxpool[@]}" algorithm=metasgd) ;;
     maxpool_32f) extra=("${maxpool[@]}" model.filters=32) ;;
     maxpool_2steps) extra=("${maxpool[@]}" problem.inner_steps=2) ;;
