@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 from metaloss.checkpoint import CheckpointError, load_meta_state, rng_state, set_rng_state
 from metaloss.distributed import Distributed
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator, batching_pays, check_batchable, vmap_refusal
+from metaloss.hypergrad.base import (
+    HypergradEstimator,
+    batching_pays,
+    check_batchable,
+    model_batches_well,
+    vmap_refusal,
+)
 from metaloss.hypergrad.es import AntitheticES
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.problem import BilevelProblem
@@ -326,7 +332,8 @@ def evaluate(
     start, stop = distributed.shard(num_tasks)
     size = batch_tasks
     if batch_tasks == "auto":
-        size = AUTO_BATCH_TASKS if batching_pays(problem, episodes_from(start, AUTO_BATCH_TASKS)) else 1
+        pays = model_batches_well(problem.model) and batching_pays(problem, episodes_from(start, AUTO_BATCH_TASKS))
+        size = AUTO_BATCH_TASKS if pays else 1  # (the model first: a convnet needs no probe episodes)
     bar = tqdm(total=stop - start, desc=desc, disable=not progress, dynamic_ncols=True)
     first = start
     while first < stop:

@@ -96,16 +96,20 @@ def batching_pays(problem: BilevelProblem, episodes: Sequence[Episode]) -> bool:
     them and the model has no convolution. Not measured on a GPU, where the same rule applies. A
     model with dropout runs task by task too: in one vmap every task would draw the same masks, in
     the loop each task draws its own."""
-    if len(episodes) < MIN_BATCHED_TASKS:
-        return False
-    slower_or_different = (torch.nn.modules.conv._ConvNd, torch.nn.modules.dropout._DropoutNd)
-    if any(isinstance(m, slower_or_different) for m in problem.model.modules()):
+    if len(episodes) < MIN_BATCHED_TASKS or not model_batches_well(problem.model):
         return False
     try:
         check_batchable(problem, episodes)
     except ConfigError:
         return False
     return True
+
+
+def model_batches_well(model: torch.nn.Module) -> bool:
+    """The model part of `batching_pays`: no convolution (slower batched) and no dropout (one mask
+    for every task in a vmap)."""
+    slower_or_different = (torch.nn.modules.conv._ConvNd, torch.nn.modules.dropout._DropoutNd)
+    return not any(isinstance(m, slower_or_different) for m in model.modules())
 
 
 def vmap_refusal(err: RuntimeError) -> bool:
