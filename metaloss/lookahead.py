@@ -21,6 +21,10 @@ s_t) are taken, with phi as the outer optimizer left it after this truncation, a
 next truncation (and by `finish` after the last). real_step="lookahead": the look-ahead's steps are
 the real ones (phi one update behind; one pass fewer per step).
 
+average > 0: the inner optimizer also keeps an exponential moving average of the real iterates
+(`metaloss.inner.optim.averaged`), and `averaged_params(state)` is that averaged model (the look-ahead
+still steps, and is scored, from the last iterate).
+
 `lookahead` takes a look-ahead's K steps without a graph and records them (`Lookahead`), for the
 estimators that differentiate each step on its own (the label-correction papers' identity-Hessian
 approximation, MPL's feedback); `meta_loss` adds the inner loss's own `outer_terms` (a teacher's
@@ -39,6 +43,7 @@ from torch import Tensor
 
 from metaloss.errors import ConfigError
 from metaloss.functional import detach_params, tree_detach
+from metaloss.inner.optim import InnerOptimizer, averaged
 from metaloss.online import State
 from metaloss.problem import BilevelProblem, WithParameters
 from metaloss.types import Episode, LossContext, Params
@@ -102,7 +107,7 @@ class LookaheadTraining:
 
     def __init__(self, problem: BilevelProblem, episode: Episode, horizon: int, meta_batch_size: int | None = None,
                  seed: int = 0, real_step: str = "after_update", meta_source: str = "meta",
-                 select_factor: int = 4) -> None:  # fmt: skip
+                 select_factor: int = 4, average: float = 0.0) -> None:  # fmt: skip
         if problem.inner_batch_size is None:
             raise ConfigError("a training run needs minibatches: set the problem's inner_batch_size")
         if real_step not in REAL_STEPS:
@@ -118,6 +123,8 @@ class LookaheadTraining:
         self.problem, self.episode, self.horizon = problem, episode, horizon
         self.meta_batch_size, self.seed, self.real_step = meta_batch_size, seed, real_step
         self.meta_source, self.select_factor = meta_source, select_factor
+        self.average = average
+        averaged(problem.inner_opt(), average)  # a bad decay fails here, before any work
         if problem.data_parallel is not None and problem.data_parallel.enabled:
             check_data_parallel(problem, episode, meta_batch_size, meta_source)
 
@@ -132,8 +139,13 @@ class LookaheadTraining:
         w0, frozen = problem.initial_params(self.episode)
         with torch.enable_grad():
             return problem.run_inner(self.episode, params, detach_params(w0), detach_params(frozen), steps,
-                                     opt_state=opt_state, first_step=t,
+                                     opt_state=opt_state, first_step=t, optimizer=self.optimizer(problem),
                                      differentiable_steps=None if graph else 0)  # fmt: skip
+
+    def optimizer(self, problem: BilevelProblem) -> InnerOptimizer:
+        """`problem`'s inner optimizer (with its phi), averaging its iterates where `average` > 0."""
+        inner = problem.inner_opt()
+        return averaged(inner, self.average) if self.average else inner
 
     def _real_steps(self, state: State, phi: Sequence[Tensor]) -> State:
         """Take the pending real steps of every particle with (detached) phi."""
@@ -217,7 +229,7 @@ class LookaheadTraining:
         and the inner optimizer, for an estimator that differentiates the step piecewise."""
         w0, frozen = look.problem.initial_params(self.episode)
         objective = look.problem.inner_objective(self.episode, detach_params(w0), detach_params(frozen))
-        return (lambda w: objective(w, look.t + k)), look.problem.inner_opt()
+        return (lambda w: objective(w, look.t + k)), self.optimizer(look.problem)
 
     def _meta_batch(self, t: int, params: Params) -> Episode:
         """The episode whose query set scores the look-ahead that starts at step t: rows of the meta
@@ -255,10 +267,21 @@ class LookaheadTraining:
 
     def finish(self, state: State, phi: Sequence[Tensor]) -> Params:
         """The trained model's parameters (particle 0) after the pending real steps, taken with phi."""
-        state = self._real_steps(state, [p.unsqueeze(0).expand(len(state["particles"]), *p.shape) for p in phi])
-        return self.params(state)
+        return self.params(self.finish_state(state, phi))
+
+    def finish_state(self, state: State, phi: Sequence[Tensor]) -> State:
+        """The state after the pending real steps, taken with phi (unbatched)."""
+        return self._real_steps(state, [p.unsqueeze(0).expand(len(state["particles"]), *p.shape) for p in phi])
 
     def params(self, state: State) -> Params:
         """All parameters of particle 0's model as trained so far (pending real steps not taken)."""
         _, frozen = self.problem.initial_params(self.episode)
         return {**detach_params(frozen), **state["particles"][0][0]}
+
+    def averaged_params(self, state: State) -> Params | None:
+        """The moving average of particle 0's iterates so far (None: no averaging, or no step yet)."""
+        opt_state = state["particles"][0][1]
+        if not self.average or opt_state is None:
+            return None
+        _, frozen = self.problem.initial_params(self.episode)
+        return {**detach_params(frozen), **opt_state["average"]}

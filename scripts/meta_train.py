@@ -37,7 +37,7 @@ from common import (  # noqa: E402
     start_job,
 )
 from domain_task import DomainRun  # noqa: E402
-from online_task import OnlineTaskRun, save_weight_histogram  # noqa: E402
+from online_task import OnlineTaskRun, save_transition_plot, save_weight_histogram  # noqa: E402
 from settings import validate_meta_train  # noqa: E402
 
 from metaloss.baselines import train_jointly  # noqa: E402
@@ -211,6 +211,11 @@ def train_online(cfg: DictConfig, settings: Any, run_dir: Path, directory: RunDi
         for name, module in built.problem.meta_modules().items():
             if type(module) in FAMILIES.values():  # a learned loss: for scripts/train.py
                 saved.append(save_meta_object(module, run_dir / f"{name}.safetensors").name)
+        inner_loss = built.problem.inner_loss
+        if hasattr(inner_loss, "transition") and not task.data.unlabelled:
+            title = f"{choices.get('algorithm')}: {task.data.name}"
+            saved.append(save_transition_plot(inner_loss.transition().detach().cpu(), task.truth.transition,
+                                              run_dir / "transition.png", title).name)  # fmt: skip
         if weights is not None:
             is_noisy = run.analysis[3]
             title = f"{choices.get('algorithm')}: {task.data.name}, final weights"

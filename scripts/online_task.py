@@ -19,6 +19,7 @@ from metaloss.errors import ConfigError
 from metaloss.functional import forward
 from metaloss.hypergrad import EpisodicOnline
 from metaloss.lookahead import LookaheadTraining
+from metaloss.meta.transition import transition_error
 from metaloss.meta.weighting import weight_separation
 from metaloss.online import SystemUpdates, check_truncation, truncation_length
 from metaloss.problem import BilevelProblem
@@ -79,7 +80,7 @@ class OnlineTaskRun:
         real_step = task.real_step if self.phi else "lookahead"  # nothing to update: one pass per step
         self.task, self.problem = task, problem
         self.system = LookaheadTraining(problem, episode, task.horizon, task.meta_batch_size, seed, real_step,
-                                        task.meta_source, task.select_factor)  # fmt: skip
+                                        task.meta_source, task.select_factor, task.average)  # fmt: skip
         self.online = estimator.online_estimator()
         truncations = truncation_count(task.horizon, self.online.lengths)
         self.updates = SystemUpdates(self.system, self.online, every, truncations)
@@ -93,15 +94,22 @@ class OnlineTaskRun:
     def state(self) -> dict[str, Any]:
         return self.online.state  # the system state TruncatedBackprop carries
 
-    def epoch_metrics(self, params: dict[str, Tensor]) -> tuple[dict[str, float], Tensor | None]:
+    def epoch_metrics(self, state: Any) -> tuple[dict[str, float], Tensor | None]:
         """Test accuracy, the noisy-label training loss, the true-label training accuracy and (for a
-        per-sample weighting) the weight separation, on the analysis rows; and their weights."""
+        per-sample weighting) the weight separation, on the analysis rows; and their weights. With
+        averaging (task.average > 0) the test metrics are the averaged model's, the last iterate's
+        beside them; the training-row metrics are always the last iterate's (the model that trains)."""
         data = self.task.data
+        params, average = self.system.params(state), self.system.averaged_params(state)
         test_loss, test_acc, _ = classify(self.problem, params, data.x_test, data.y_test)
+        last = {}
+        if average is not None:
+            last = {"last_iterate_test_accuracy": test_acc, "last_iterate_test_loss": test_loss}
+            test_loss, test_acc, _ = classify(self.problem, average, data.x_test, data.y_test)
         x, y_noisy, y_true, is_noisy = self.analysis
         unlabelled = data.unlabelled
         train_loss, train_acc, logits = classify(self.problem, params, x, y_true if unlabelled else y_noisy)
-        metrics = {"test_accuracy": test_acc, "test_loss": test_loss,
+        metrics = {"test_accuracy": test_acc, "test_loss": test_loss, **last,
                    "train_accuracy_true_labels": (logits.argmax(1) == y_true).float().mean().item()}  # fmt: skip
         if not unlabelled:
             metrics.update({"train_loss_noisy_labels": train_loss, "train_accuracy_noisy_labels": train_acc})
@@ -112,6 +120,9 @@ class OnlineTaskRun:
             with torch.no_grad():
                 weights = loss.weights(logits, y_noisy, context)
             metrics.update(weight_separation(weights, is_noisy))
+        if hasattr(loss, "transition") and not unlabelled:  # a learned noise model against the realised one
+            metrics["transition_error"] = transition_error(loss.transition().detach().cpu().double(),
+                                                           self.task.truth.transition)  # fmt: skip
         if hasattr(loss, "corrected"):
             context = LossContext(x, params, None, self.system.episode, lambda inputs: forward(self.problem.model,
                                                                                               params, inputs))
@@ -132,7 +143,7 @@ class OnlineTaskRun:
         if epoch <= self.epochs_logged:
             return
         self.epochs_logged = epoch
-        metrics, weights = self.epoch_metrics(self.system.params(state))
+        metrics, weights = self.epoch_metrics(state)
         logger.log(epoch, metrics, prefix="epoch/")
         writer = getattr(logger, "writer", None)
         if weights is not None and writer is not None and self.analysis[3].any() and (~self.analysis[3]).any():
@@ -141,8 +152,7 @@ class OnlineTaskRun:
 
     def finish(self) -> tuple[dict[str, Any], Tensor | None]:
         """The trained model (pending real steps taken with the final phi) and its final metrics."""
-        params = self.system.finish(self.state(), self.phi)
-        metrics, weights = self.epoch_metrics(params)
+        metrics, weights = self.epoch_metrics(self.system.finish_state(self.state(), self.phi))
         if not self.task.data.unlabelled:
             metrics["noise_rate_realised"] = self.task.truth.noise_rate
         metrics.update({"train_rows": len(self.task.data.y_train), "meta_rows": len(self.task.data.y_meta),
@@ -174,6 +184,26 @@ def save_weight_histogram(weights: Tensor, is_noisy: Tensor, path: Path, title: 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_transition_plot(learned: Tensor, realised: Tensor, path: Path, title: str) -> Path:
+    """The learned transition matrix beside the realised one (rows: true class, columns: given label), one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    for ax, matrix, name in ((axes[0], learned, "learned T"), (axes[1], realised, "realised T (hidden truth)")):
+        image = ax.imshow(matrix.double().numpy(), vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(name)
+        ax.set_xlabel("given (noisy) label")
+        ax.set_ylabel("true class")
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.suptitle(title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

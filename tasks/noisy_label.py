@@ -194,7 +194,9 @@ class NoisyLabelTask:
     alone, the same number of steps, a baseline), phi updated from look-aheads scored on
     `meta_batch_size` rows of the clean meta set (None: all of it), or (meta_source="train") on the
     noisy rows the weighting ranks highest among `select_factor` times as many. `real_step` is the
-    look-ahead order of `metaloss.lookahead.LookaheadTraining`. `truth` is for analysis metrics only."""
+    look-ahead order of `metaloss.lookahead.LookaheadTraining`. `average` > 0: the trained model is the
+    exponential moving average of the iterates with that decay (`metaloss.inner.optim.averaged`), the
+    last iterate reported beside it. `truth` is for analysis metrics only."""
 
     online = True  # a task of the online regime (scripts/online_task.py), not a sampler of episodes
     data: NoisyLabelData
@@ -206,6 +208,7 @@ class NoisyLabelTask:
     real_step: str = "after_update"
     meta_source: str = "meta"
     select_factor: int = 4
+    average: float = 0.0
     loss: str = "cross_entropy"
     metric: str | None = "accuracy"
 
@@ -215,6 +218,9 @@ class NoisyLabelTask:
         if self.batch_size < 1 or self.batch_size > len(self.data.y_train) or self.epochs < 1:
             raise ConfigError(f"need 1 <= task.batch_size <= {len(self.data.y_train)} training rows and "
                               f"task.epochs >= 1, got {self.batch_size} and {self.epochs}")  # fmt: skip
+        if isinstance(self.average, bool) or not isinstance(self.average, (int, float)) or not 0 <= self.average < 1:
+            raise ConfigError(f"task.average (the decay of the iterates' moving average) must be in [0, 1), got "
+                              f"{self.average!r}")  # fmt: skip
         if self.meta_batch_size is not None and self.meta_batch_size < 1:
             raise ConfigError(f"task.meta_batch_size must be >= 1 or null, got {self.meta_batch_size}")
         if len(self.data.y_meta) == 0 and (self.meta_source == "meta" or self.train_on == "meta"):

@@ -122,7 +122,8 @@ def test_defaults():
 def test_every_option_composes(group, option):
     # L2RW's weights are sized by a noisy-label task's minibatch, and the correctors and teachers by its
     # classes and inputs: they compose with one
-    noisy = ["task=noisy_digits"] if option in ("l2rw", "mlc", "emlc") and group in ("algorithm", "inner_loss") else []
+    sized_by_task = ("l2rw", "mlc", "emlc", "transition")
+    noisy = ["task=noisy_digits"] if option in sized_by_task and group in ("algorithm", "inner_loss") else []
     if option in DOMAIN_ALGORITHMS and group == "algorithm":
         noisy = ["task=rotated_digits"]
     if option in ("mpl", "mpl_exact", "pseudo_label") and group in ("algorithm", "inner_loss"):
@@ -355,7 +356,7 @@ def test_algorithm_overlays_leave_the_task_alone():
 DOMAIN_TASKS = ("rotated_fashion_mnist", "rotated_digits", "mnist1d_domains", "folder_domains")
 DOMAIN_ALGORITHMS = ("erm", "mldg", "maml_domains", "fish", "learned_loss_domains")
 NOISY_BASELINES = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1"}
-NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online", "storm", "mlc", "emlc"}
+NOISY_ALGORITHMS = NOISY_BASELINES | {"mwnet", "l2rw", "ml3_online", "storm", "mlc", "emlc", "transition"}
 SEMISUP_ALGORITHMS = {"mpl", "mpl_exact", "pseudo_label"}
 
 
@@ -387,7 +388,8 @@ def test_every_option_builds_a_whole_problem(group, option, mini_root, cifar_roo
     if (group, option) == ("task", "semisup_cifar10"):
         overrides += [f"task.data.root={cifar10_root}", "task.labels_per_class=2", "task.batch_size=20"]
     if (group == "algorithm" and option in NOISY_ALGORITHMS) or (group, option) in {
-            ("inner_loss", "l2rw"), ("inner_loss", "mlc"), ("inner_loss", "emlc")}:  # fmt: skip
+            ("inner_loss", "l2rw"), ("inner_loss", "mlc"), ("inner_loss", "emlc"),
+            ("inner_loss", "transition")}:  # fmt: skip
         overrides += ["task=noisy_digits"]  # the noisy-label methods and baselines
     if (group == "algorithm" and option in SEMISUP_ALGORITHMS) or (group, option) == ("inner_loss", "mpl"):
         overrides += ["task=semisup_digits"]

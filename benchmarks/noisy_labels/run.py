@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "sym60": ("symmetric", 0.6),
-          "sym80": ("symmetric", 0.8), "pair40": ("pair", 0.4), "inst40": ("instance", 0.4),
-          "semisup10": ("semisup", 10)}  # fmt: skip
+NOISES = {"sym0": ("symmetric", 0.0), "sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4),
+          "sym60": ("symmetric", 0.6), "sym80": ("symmetric", 0.8), "pair40": ("pair", 0.4),
+          "inst40": ("instance", 0.4), "semisup10": ("semisup", 10)}  # fmt: skip
 METHODS = {
     "cross_entropy": ["algorithm=cross_entropy"],
     "clean_only": ["algorithm=clean_only"],
@@ -45,6 +45,13 @@ METHODS = {
     "l2rw": ["algorithm=l2rw"],
     "ml3_online": ["algorithm=ml3_online"],
     "storm": ["algorithm=storm"],
+    "transition": ["algorithm=transition"],
+    # the trained model as the moving average of the iterates (decay 0.999), the last iterate beside it
+    "cross_entropy_avg": ["algorithm=cross_entropy", "task.average=0.999"],
+    "sce_avg": ["algorithm=sce", "task.average=0.999"],
+    "gce_avg": ["algorithm=gce", "task.average=0.999"],
+    "transition_avg": ["algorithm=transition", "task.average=0.999"],
+    "mwnet_avg": ["algorithm=mwnet", "task.average=0.999"],
     # label correction: at K = 1 the papers' identity-Hessian meta-gradient is the exact one (mlc, emlc);
     # at K = 3 the approximation and the exact K-step meta-gradient differ
     "mlc": ["algorithm=mlc"],
@@ -97,6 +104,8 @@ def summarise(dataset: str, results: dict, methods: list[str], noises: list[str]
                     [r["seconds_per_epoch"] for r in runs])),
                 **({"weight_auc": round(float(np.mean([r["weight_auc"] for r in runs])), 3)} if "weight_auc" in runs[0]
                    else {}),
+                **({"last_iterate_accuracy_mean": round(float(np.mean([r["last_iterate_test_accuracy"] for r in runs]))
+                                                        * 100, 2)} if "last_iterate_test_accuracy" in runs[0] else {}),
             }  # fmt: skip
     reference = "cross_entropy" if "cross_entropy" in table else next(iter(table), None)  # semisup: the first
     base = np.mean([v["seconds_per_epoch"] for v in table.get(reference, {}).values()] or [np.nan])
@@ -150,7 +159,8 @@ def plot(table: dict, path: Path, dataset: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist1d", "digits"])
-    parser.add_argument("--noises", nargs="+", default=[n for n in NOISES if n != "semisup10"], choices=list(NOISES))
+    parser.add_argument("--noises", nargs="+", default=[n for n in NOISES if n not in ("sym0", "semisup10")],
+                        choices=list(NOISES))  # fmt: skip
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)

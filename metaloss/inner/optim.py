@@ -115,4 +115,30 @@ def adam(
     return InnerOptimizer(init, update)
 
 
+def averaged(optimizer: InnerOptimizer, decay: float) -> InnerOptimizer:
+    """`optimizer` that also keeps an exponential moving average of the iterates (Polyak & Juditsky
+    1992's averaging in its exponential form; the weight averaging of ELR+, Liu et al. 2020), in its
+    state under "average", with the warm-up of TensorFlow's ExponentialMovingAverage:
+
+        a_0 = w_0;  a_n = d_n a_{n-1} + (1 - d_n) w_n,  d_n = min(decay, (1 + n) / (10 + n))
+
+    The iterates themselves are `optimizer`'s. The average is a stop-gradient (it is what gets
+    evaluated, never differentiated), so it adds no graph to a look-ahead."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ConfigError(f"the averaging decay must be in [0, 1), got {decay!r}")
+
+    def init(params: Params) -> OptState:
+        return {"inner": optimizer.init(params), "average": {n: p.detach().clone() for n, p in params.items()},
+                "averaged_steps": 0}  # fmt: skip
+
+    def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
+        new_params, inner = optimizer.update(grads, state["inner"], params)
+        n = state["averaged_steps"] + 1
+        d = min(decay, (1 + n) / (10 + n))
+        average = {name: d * a + (1 - d) * new_params[name].detach() for name, a in state["average"].items()}
+        return new_params, {"inner": inner, "average": average, "averaged_steps": n}
+
+    return InnerOptimizer(init, update)
+
+
 OPTIMIZERS: dict[str, Callable[..., InnerOptimizer]] = {"sgd": sgd, "adam": adam}

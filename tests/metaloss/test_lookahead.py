@@ -159,6 +159,32 @@ def test_an_online_mwnet_run_equals_the_hand_written_mwnet_loop(normalize):
     torch.testing.assert_close(trained["bias"], w[1], rtol=1e-9, atol=1e-12)
 
 
+def test_averaging_leaves_the_meta_gradient_alone_and_averages_the_real_iterates():
+    problem, episode, plain, _ = setup("momentum")
+    averaging = LookaheadTraining(problem, episode, horizon=12, meta_batch_size=5, seed=4, average=0.5)
+    phi = problem.meta_parameters()
+    broadcast = [p.unsqueeze(0) for p in phi]
+    s_plain, s_avg = plain.init(1), averaging.init(1)
+    assert averaging.averaged_params(s_avg) is None and plain.averaged_params(plain.finish_state(s_plain, phi)) is None
+    want = plain.params(s_plain)
+    for n in range(1, 6):
+        s_plain, loss_plain = plain.unroll(s_plain, broadcast, 1)
+        s_avg, loss_avg = averaging.unroll(s_avg, broadcast, 1)
+        for a, b in zip(torch.autograd.grad(loss_plain.sum(), phi), torch.autograd.grad(loss_avg.sum(), phi)):
+            assert torch.equal(a, b)
+        w = plain.params(plain.finish_state(s_plain, phi))  # w_n, the n-th real iterate
+        d = min(0.5, (1 + n) / (10 + n))
+        want = {k: d * want[k] + (1 - d) * w[k] for k in want}
+        done = averaging.finish_state(s_avg, phi)
+        assert all(torch.equal(w[k], averaging.params(done)[k]) for k in w)  # the same iterates
+        got = averaging.averaged_params(done)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
+    assert (got["weight"] - w["weight"]).abs().max() > 1e-3  # the average is not the last iterate
+    with pytest.raises(ConfigError, match="averaging decay"):
+        LookaheadTraining(problem, episode, 10, average=1.0)
+
+
 def test_the_training_stream_is_a_permutation_per_epoch_and_reproducible():
     problem, *_ = setup("momentum")
     per_epoch = N // B

@@ -22,6 +22,8 @@ METHODS = {
     "l2rw": ["algorithm=l2rw", "task.noise.rate=0.6", "logger=none"],
     "ml3_online": ["algorithm=ml3_online", "logger=none"],
     "storm": ["algorithm=storm", "task.noise.rate=0.6", "logger=none"],
+    "transition": ["algorithm=transition", "task.noise.type=pair", "logger=none"],
+    "sce_averaged": ["algorithm=sce", "task.average=0.99"],
     "mwnet_pair_k2": ["algorithm=mwnet", "task.noise.type=pair", "hypergrad.truncation=2", "logger=none"],
     "mwnet_instance_adam": ["algorithm=mwnet", "task.noise.type=instance", "inner_opt=adam", "inner_opt.lr=0.01",
                             "logger=none"],  # fmt: skip
@@ -52,6 +54,12 @@ def test_every_method_trains_a_model_and_reports_its_test_accuracy(runs, name):
     assert ("weight_auc" in metrics) == weighted and ((run.dir / "weights.png").is_file()) == weighted
     if name == "ml3_online":
         assert "inner_loss.safetensors" in metrics["saved"]
+    averaged = name == "sce_averaged"  # the model is the iterates' moving average, the last iterate beside it
+    assert ("last_iterate_test_accuracy" in metrics) == averaged and ("last_iterate_test_loss" in metrics) == averaged
+    assert ("transition_error" in metrics) == (name == "transition")  # the learned T against the realised one
+    if name == "transition":
+        assert 0 <= metrics["transition_error"] < 1 and "transition.png" in metrics["saved"]
+        assert (run.dir / "transition.png").is_file()
 
 
 def test_methods_differ_and_runs_repeat(runs):
@@ -75,6 +83,9 @@ def test_tensorboard_has_the_epoch_metrics_and_the_weight_histograms(runs):
     assert acc.Scalars("final/test_accuracy")[0].value == pytest.approx(runs["mwnet"].metrics()["test_accuracy"])
     assert {"weights/clean", "weights/noisy"} <= set(tags["histograms"])
     assert "meta_train/loss" in tags["scalars"]
+    averaged = EventAccumulator(str(runs["sce_averaged"].dir / "tensorboard"))
+    averaged.Reload()
+    assert {"epoch/test_accuracy", "epoch/last_iterate_test_accuracy"} <= set(averaged.Tags()["scalars"])
 
 
 def test_the_clean_only_baseline_trains_on_the_meta_set(runs):
@@ -84,7 +95,7 @@ def test_the_clean_only_baseline_trains_on_the_meta_set(runs):
 
 def test_a_killed_noisy_label_run_resumes_bitwise(tmp_path):
     plan = ["task=noisy_digits", "algorithm=mwnet", "task.epochs=4", "train.checkpoint_every=7", "logger=none",
-            "progress=false", "threads=1"]  # fmt: skip
+            "progress=false", "threads=1", "task.average=0.9"]  # fmt: skip
     whole, resumed = whole_and_resumed(tmp_path, plan)
     assert "resuming at look-ahead" in resumed.stderr
     a, b = whole.metrics(), resumed.metrics()
@@ -98,6 +109,10 @@ def test_a_killed_noisy_label_run_resumes_bitwise(tmp_path):
     model_a = ca["estimator"]["estimator"]["state"]["particles"][0][0]
     model_b = cb["estimator"]["estimator"]["state"]["particles"][0][0]
     assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    average_a = ca["estimator"]["estimator"]["state"]["particles"][0][1]["average"]
+    average_b = cb["estimator"]["estimator"]["state"]["particles"][0][1]["average"]
+    assert all(torch.equal(average_a[k], average_b[k]) for k in average_a)  # the moving average resumes too
+    assert a["test_accuracy"] != a["last_iterate_test_accuracy"] or a["test_loss"] != a["last_iterate_test_loss"]
 
 
 def test_mwnets_cifar10_protocol_composes_and_runs_two_steps_on_a_fixture(tmp_path, make_cifar10):

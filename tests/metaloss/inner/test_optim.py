@@ -1,4 +1,5 @@
-"""Inner optimizers reproduce torch.optim step for step, and validate their inputs."""
+"""Inner optimizers reproduce torch.optim step for step, and validate their inputs; the averaging
+wrapper keeps its optimizer's iterates and their moving average with the warm-up, as a stop-gradient."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from metaloss.errors import ConfigError
 from metaloss.functional import tree_detach
-from metaloss.inner.optim import adam, sgd
+from metaloss.inner.optim import adam, averaged, sgd
 
 
 def quadratic_grads(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,3 +92,29 @@ def test_tree_detach_cuts_every_tensor() -> None:
     out = tree_detach(tree)
     assert out["step"] == 3 and not out["m"]["a"].requires_grad
     assert not out["l"][0].requires_grad and not out["l"][1][0].requires_grad
+
+
+def test_averaging_keeps_the_iterates_and_their_moving_average() -> None:
+    w0 = {"a": torch.tensor([1.0, -2.0], dtype=torch.float64), "b": torch.tensor(0.5, dtype=torch.float64)}
+    plain, wrapped = sgd(0.1, momentum=0.9), averaged(sgd(0.1, momentum=0.9), 0.3)
+    p, s = dict(w0), plain.init(w0)
+    q, t = dict(w0), wrapped.init(w0)
+    want = {n: x.clone() for n, x in w0.items()}
+    for n in range(1, 8):
+        p, s = plain.update(quadratic_grads(p), s, p)
+        q, t = wrapped.update(quadratic_grads(q), t, q)
+        d = min(0.3, (1 + n) / (10 + n))  # the warm-up's 2/11 and 3/12, then the decay 0.3 from n = 3 on
+        want = {k: d * want[k] + (1 - d) * p[k] for k in want}
+        assert all(torch.equal(p[k], q[k]) for k in p)  # the iterates are the wrapped optimizer's
+        assert t["averaged_steps"] == n
+        for k in want:
+            torch.testing.assert_close(t["average"][k], want[k], rtol=1e-14, atol=0)
+    w = {"a": torch.ones(2, requires_grad=True)}
+    _, state = averaged(sgd(0.1), 0.5).update({"a": w["a"] * 3}, averaged(sgd(0.1), 0.5).init(w), w)
+    assert not state["average"]["a"].requires_grad  # a stop-gradient: no graph through the average
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9"])
+def test_a_bad_averaging_decay_is_rejected(decay) -> None:
+    with pytest.raises(ConfigError, match="averaging decay"):
+        averaged(sgd(0.1), decay)
