@@ -2,7 +2,9 @@
 # The final Omniglot run for Lake's benchmark (issue 14): 20-way 1-shot MAML on every alphabet of the
 # two minimal background sets (8 alphabets, 242 characters, rotations as new classes; no validation
 # or test split: its proxy score is the same settings' within-alphabet validation error in
-# variants.sh), max-pool Conv-4 with 64 filters, one inner step at lr 0.1, meta-batch 8. Then
+# variants.sh), max-pool Conv-4 with 64 filters, one inner step with MAML++'s learned per-layer
+# per-step learning rates (LSLR, initialised at 0.1), training episodes drawn within one alphabet
+# (the best variant of variants.sh: maxpool_lslr_within), meta-batch 8. Then
 # `python benchmarks/omniglot_lake/summarize.py` strips its checkpoint (phi and the
 # config) into benchmarks/checkpoints/omniglot_minimal_all_20way_maml_maxpool.pt. Evaluate it on the
 # official runs (all_runs.zip, not in this project) with
@@ -16,5 +18,6 @@ steps=${STEPS:-1500} threads=${THREADS:-1}
 dir=benchmarks/runs/omniglot_lake/final_all
 mkdir -p benchmarks/runs/omniglot_lake
 python scripts/meta_train.py experiment=omniglot_minimal_20way model.pool=max model.global_pool=false \
+  inner_opt=lslr task.train_within_alphabet=true \
   "task.val_alphabets=[]" "task.test_alphabets=[]" train.validate_every=0 "train.meta_steps=${steps}" \
   train.checkpoint_every=100 "threads=${threads}" progress=false "hydra.run.dir=${dir}" > "${dir}.log" 2>&1

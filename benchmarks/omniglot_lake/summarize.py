@@ -101,19 +101,25 @@ def run_overrides(run: Path) -> list[str]:
 
 
 def keep_final() -> dict | None:
-    """final.sh's run on every alphabet: its checkpoint (phi and config) kept under checkpoints/."""
+    """final.sh's run on every alphabet: its checkpoint (phi and config) kept under checkpoints/. A run
+    stopped before its last meta-step (e.g. at the end of a session) is kept at its last checkpoint,
+    recorded with the meta-steps it reached."""
     run = RUNS / FINAL
-    if not (run / "metrics.json").exists():
+    if not (run / "checkpoint.pt").exists():
         return None
-    m = json.loads((run / "metrics.json").read_text())
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    finished = (run / "metrics.json").exists()
+    progress = state["run"]
+    m = json.loads((run / "metrics.json").read_text()) if finished else {
+        "meta_steps": progress["step"], "train_seconds": progress["sample_seconds"] + progress["step_seconds"]}
     state.pop("outer_opt", None)
     CHECKPOINTS.mkdir(exist_ok=True)
     path = CHECKPOINTS / KEPT
     torch.save(state, path)
     print(f"kept {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return {"command": "python scripts/meta_train.py " + " ".join(run_overrides(run)), "meta_steps": m["meta_steps"],
-            "train_minutes": round(m["train_seconds"] / 60, 1), "checkpoint": f"benchmarks/checkpoints/{KEPT}",
+            "train_minutes": round(m["train_seconds"] / 60, 1), "finished": finished,
+            "checkpoint": f"benchmarks/checkpoints/{KEPT}",
             "checkpoint_mb": round(path.stat().st_size / 1e6, 2)}  # fmt: skip
 
 
