@@ -125,7 +125,7 @@ def untrained_and_trained(case: Case, seed: int = SEED) -> tuple[tuple[float, fl
 # tests/scripts/test_noisy_label_runs.py; label correction and pseudo-labelling (above chance too) in
 # tests/scripts/test_label_correction_runs.py
 NOISY_LABEL_ALGORITHMS = {"cross_entropy", "clean_only", "gce", "sce", "nce_rce", "poly1", "mwnet", "l2rw", "storm",
-                          "ml3_online", "mlc", "emlc", "mpl", "mpl_exact", "pseudo_label"}  # fmt: skip
+                          "ml3_online", "transition", "mlc", "emlc", "mpl", "mpl_exact", "pseudo_label"}  # fmt: skip
 # the domain-generalisation algorithms and Fish's estimator train one model on source-domain episodes
 # and are scored on whole domains: their end-to-end runs (above chance after 120 steps on rotated
 # digits, with training-domain model selection; the learned loss without a threshold) are in
