@@ -31,6 +31,8 @@ run_one() {
     maxpool_metasgd) extra=("${maxpool[@]}" algorithm=metasgd) ;;
     maxpool_32f) extra=("${maxpool[@]}" model.filters=32) ;;
     maxpool_2steps) extra=("${maxpool[@]}" problem.inner_steps=2) ;;
+    maxpool_lslr_within_2steps) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true problem.inner_steps=2) ;;
+    maxpool_metasgd_within) extra=("${maxpool[@]}" algorithm=metasgd task.train_within_alphabet=true) ;;  # Meta-SGD's per-weight rates
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"
