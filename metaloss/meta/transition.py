@@ -42,10 +42,10 @@ class TransitionLoss(nn.Module):
             raise ConfigError(f"a transition matrix needs n_classes >= 2, got {n_classes!r}")
         if isinstance(init_rate, bool) or not isinstance(init_rate, (int, float)) or not 0 <= init_rate < 1:
             raise ConfigError(f"the transition matrix's init_rate must be in [0, 1), got {init_rate!r}")
-        if init_rate > 1 - 1 / n_classes:
-            raise ConfigError(f"init_rate {init_rate} > 1 - 1/C = {1 - 1 / n_classes:.3f}: T would make the given "
-                              "label less likely than any other, and forward correction would train the model "
-                              "away from it")  # fmt: skip
+        if init_rate >= 1 - 1 / n_classes:  # at 1 - 1/C, T is uniform: the loss no longer depends on the model
+            raise ConfigError(f"init_rate {init_rate} >= 1 - 1/C = {1 - 1 / n_classes:.3f}: T would make the given "
+                              "label no more likely than any other, and forward correction would not train the "
+                              "model toward it")  # fmt: skip
         self.n_classes = n_classes
         start = symmetric_transition(n_classes, float(init_rate)).clamp_min(1e-6).log()  # [C, C]
         theta = start - start.logsumexp(1, keepdim=True)

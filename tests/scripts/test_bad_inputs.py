@@ -82,7 +82,7 @@ CASES: dict[str, Case] = {
                                    "task.average (the decay of the iterates' moving average) must be in [0, 1), "
                                    "got 1.0"),
     "transition_rate_past_chance": Case(["task=noisy_digits", "algorithm=transition", "inner_loss.init_rate=0.95"], 2,
-                                        "init_rate 0.95 > 1 - 1/C = 0.900"),
+                                        "init_rate 0.95 >= 1 - 1/C = 0.900"),
     "mpl_with_a_k_step_lookahead": Case(["task=semisup_digits", "hypergrad.truncation=2"], 2,
                                         "MPL's teacher feedback is for one-step look-aheads: truncation must be 1"),
     "unknown_test_domain": Case(["task=rotated_digits", "task.test_domain=90"], 2,

@@ -87,7 +87,8 @@ def test_the_lookahead_meta_gradient_of_the_matrix_equals_finite_differences():
     ({"n_classes": 1}, "n_classes >= 2"),
     ({"n_classes": 10, "init_rate": 1.0}, r"init_rate must be in \[0, 1\)"),
     ({"n_classes": 10, "init_rate": -0.1}, r"init_rate must be in \[0, 1\)"),
-    ({"n_classes": 4, "init_rate": 0.8}, "less likely than any other"),
+    ({"n_classes": 4, "init_rate": 0.8}, "no more likely than any other"),
+    ({"n_classes": 4, "init_rate": 0.75}, "no more likely than any other"),  # a uniform T: nothing to learn from
 ])  # fmt: skip
 def test_bad_settings_are_one_clear_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
