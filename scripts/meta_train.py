@@ -105,7 +105,8 @@ def main(cfg: DictConfig) -> None:
 
     def validate(step: int) -> dict[str, float]:
         return evaluate(problem, splits.val, settings.train.val_tasks, [settings.problem.inner_steps], device=device,
-                        dtype=dtype, distributed=dist, batch_tasks=settings.test.batch_tasks)  # fmt: skip
+                        dtype=dtype, distributed=dist, batch_tasks=settings.test.batch_tasks,
+                        threads=settings.test.threads)  # fmt: skip
 
     directory.train(trainer, settings.train.meta_steps, logger, "lower the learning rates, or raise "
                     "train.max_bad_steps", log_every=settings.train.log_every, validate=validate,
@@ -116,7 +117,7 @@ def main(cfg: DictConfig) -> None:
     if splits.test is not None:
         test = evaluate(problem, splits.test, settings.test.num_tasks, steps, device=device, dtype=dtype,
                         progress=settings.progress and dist.is_main, distributed=dist,
-                        batch_tasks=settings.test.batch_tasks)  # fmt: skip
+                        batch_tasks=settings.test.batch_tasks, threads=settings.test.threads)  # fmt: skip
     dist.close()
     if not dist.is_main:
         return  # rank 0 writes the outputs

@@ -54,6 +54,7 @@ class TrainSettings:
 class TestSettings:
     num_tasks: int = 600
     batch_tasks: Any = "auto"  # an int >= 1 or "auto"
+    threads: Any = "auto"  # an int >= 1 or "auto"
     steps: list[int] = field(default_factory=lambda: [0, 1, 10])
 
 
@@ -190,6 +191,8 @@ def validate_meta_train(cfg: DictConfig) -> MetaTrainSettings:
     _require(s.test.num_tasks >= 1, f"test.num_tasks must be >= 1, got {s.test.num_tasks}")
     _require(s.test.batch_tasks == "auto" or (type(s.test.batch_tasks) is int and s.test.batch_tasks >= 1),
              f"test.batch_tasks must be an int >= 1 or auto, got {s.test.batch_tasks!r}")  # fmt: skip
+    _require(s.test.threads == "auto" or (type(s.test.threads) is int and s.test.threads >= 1),
+             f"test.threads must be an int >= 1 or auto, got {s.test.threads!r}")  # fmt: skip
     _require(bool(s.test.steps) and min(s.test.steps) >= 0, f"test.steps must be a non-empty list of ints >= 0, got "
              f"{s.test.steps}")  # fmt: skip
     _require(b.enabled in (True, False, "auto"), f"baseline.enabled must be true, false or auto, got {b.enabled!r}")

@@ -33,6 +33,8 @@ run_one() {
     maxpool_2steps) extra=("${maxpool[@]}" problem.inner_steps=2) ;;
     maxpool_lslr_within_2steps) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true problem.inner_steps=2) ;;
     maxpool_metasgd_within) extra=("${maxpool[@]}" algorithm=metasgd task.train_within_alphabet=true) ;;  # Meta-SGD's per-weight rates
+    maxpool_lslr_within_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=1) ;;  # seed spread
+    maxpool_lslr_within_seed2) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=2) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"

@@ -6,11 +6,12 @@ and the largest difference of each peer's meta-gradient from ours.
 
 Implementations (each builds the same model from the same seed and sees the same meta-batches):
 metaloss task by task (`Unrolled`, `engine.meta_step`), metaloss batched (`Unrolled(batched=True)`,
-one `torch.func.vmap` over the tasks), higher 0.2.1 (`innerloop_ctx`), learn2learn 0.2.0
-(`algorithms.MAML` / `MetaSGD`), TorchOpt 0.7.3 (`MetaSGD` with `extract_state_dict` /
-`recover_state_dict`, its MAML example; first order through its functional `sgd`), and a plain
-loop of `torch.func.functional_call` with `torch.autograd.grad` (the textbook MAML). A meta-step is
-the meta-gradient of the meta-batch plus one outer Adam step.
+one `torch.func.vmap` over the tasks), metaloss threads (`Unrolled(threads=N)`, the tasks side by
+side on the run's N intra-op threads, one each; `Implicit(threads=N)` for iMAML), higher 0.2.1
+(`innerloop_ctx`), learn2learn 0.2.0 (`algorithms.MAML` / `MetaSGD`), TorchOpt 0.7.3 (`MetaSGD`
+with `extract_state_dict` / `recover_state_dict`, its MAML example; first order through its
+functional `sgd`), and a plain loop of `torch.func.functional_call` with `torch.autograd.grad` (the
+textbook MAML). A meta-step is the meta-gradient of the meta-batch plus one outer Adam step.
 
 Timing: one process; after `--warmup` untimed rounds, `--repeats` rounds in which every
 implementation runs one meta-step, the order reversed every round (round-robin, so a drift of the
@@ -52,6 +53,7 @@ from metaloss.engine import meta_step
 from metaloss.functional import apply_batchnorm_policy
 from metaloss.hypergrad import Implicit, Unrolled
 from metaloss.hypergrad.base import batching_pays
+from metaloss.hypergrad.threads import resolve_threads
 from metaloss.losses import cross_entropy, mse
 from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD, Proximal
 from metaloss.models import MLP, Conv4
@@ -89,10 +91,10 @@ CASES = {
 }
 # which implementations a case runs (a peer without the algorithm is left out, not approximated)
 IMPLEMENTATIONS = {
-    "maml": ("metaloss", "metaloss_batched", "higher", "learn2learn", "torchopt", "loop"),
-    "anil": ("metaloss", "metaloss_batched", "higher", "learn2learn", "torchopt", "loop"),
-    "metasgd": ("metaloss", "metaloss_batched", "higher", "learn2learn", "loop"),
-    "imaml": ("metaloss", "torchopt"),
+    "maml": ("metaloss", "metaloss_batched", "metaloss_threads", "higher", "learn2learn", "torchopt", "loop"),
+    "anil": ("metaloss", "metaloss_batched", "metaloss_threads", "higher", "learn2learn", "torchopt", "loop"),
+    "metasgd": ("metaloss", "metaloss_batched", "metaloss_threads", "higher", "learn2learn", "loop"),
+    "imaml": ("metaloss", "metaloss_threads", "torchopt"),
 }
 OUTER_LR = 1e-3
 PROXIMAL, CG_ITERATIONS = 2.0, 5  # iMAML: lambda of the proximal term, conjugate-gradient iterations (no early stop)
@@ -167,6 +169,7 @@ class Implementation:
 
 class Metaloss(Implementation):
     batched = False
+    threads: int | str = 1
 
     def setup(self) -> None:
         case = self.case
@@ -179,8 +182,9 @@ class Metaloss(Implementation):
         self.problem = BilevelProblem(self.model, LearnedInit(self.model), inner_opt, case.loss, case.loss,
                                       case.steps, adapt=["head"] if case.algorithm == "anil" else None,
                                       inner_regularizer=Proximal(PROXIMAL) if imaml else None)  # fmt: skip
-        self.estimator = Implicit("cg", iterations=CG_ITERATIONS, tol=0.0) if imaml else \
-            Unrolled("first_order" if case.first_order else "full", batched=self.batched)  # fmt: skip
+        mode = "first_order" if case.first_order else "full"
+        self.estimator = Implicit("cg", iterations=CG_ITERATIONS, tol=0.0, threads=self.threads) if imaml else \
+            Unrolled(mode, batched=self.batched, threads=self.threads)  # fmt: skip
         self.outer = torch.optim.Adam(self.problem.meta_parameters(), lr=OUTER_LR)
 
     def step(self, episodes: Sequence[Episode]) -> None:
@@ -195,6 +199,14 @@ class Metaloss(Implementation):
 
 class MetalossBatched(Metaloss):
     batched = True
+
+
+class MetalossThreads(Metaloss):
+    """The task loop with tasks side by side, one per intra-op thread of the run (`threads=N`)."""
+
+    def setup(self) -> None:
+        self.threads = torch.get_num_threads()
+        super().setup()
 
 
 class Loop(Implementation):
@@ -340,7 +352,8 @@ class TorchOpt(Implementation):
 
 
 CLASSES: dict[str, type[Implementation]] = {
-    "metaloss": Metaloss, "metaloss_batched": MetalossBatched, "higher": Higher, "learn2learn": Learn2Learn,
+    "metaloss": Metaloss, "metaloss_batched": MetalossBatched, "metaloss_threads": MetalossThreads, "higher": Higher,
+    "learn2learn": Learn2Learn,
     "torchopt": TorchOpt, "loop": Loop,
 }  # fmt: skip
 
@@ -380,7 +393,9 @@ def memory(case: Case, impl_name: str, args: argparse.Namespace) -> dict[str, fl
     """`peak_growth_child` in a fresh process (a child's getrusage would inherit the parent's peak)."""
     command = [sys.executable, __file__, "--child", json.dumps(case.__dict__), impl_name,
                "--threads", str(args.threads), "--warmup", str(args.warmup), "--seed", str(args.seed)]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    threshold = getattr(args, "mmap_threshold", 0)
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(threshold)} if threshold else {})}
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -410,8 +425,14 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
             rows[n].update({k: round(v, 1) for k, v in memory(case, n, args).items()})
         print(f"{case_name} {n}: {rows[n]}", file=sys.stderr)
     fastest_peer = min((n for n in names if not n.startswith("metaloss")), key=lambda n: rows[n]["median_s"])
-    # what a user gets: the configs' hypergrad.batched=auto
-    auto = "metaloss_batched" if batching_pays(impls["metaloss"].problem, probe) else "metaloss"
+    # what a user gets: the configs' hypergrad.batched=auto and hypergrad.threads=auto
+    problem = impls["metaloss"].problem
+    if batching_pays(problem, probe) and case.algorithm != "imaml":
+        auto = "metaloss_batched"
+    elif resolve_threads("auto", problem.model, len(probe), torch.device("cpu")) > 1 and "metaloss_threads" in names:
+        auto = "metaloss_threads"
+    else:
+        auto = "metaloss"
     return {
         "case": case_name,
         "setting": case.__dict__,
@@ -454,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="run the memory children with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this many bytes "
+                             "(freed large blocks go back to the system at once; 0: glibc's default)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
     parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPLEMENTATION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -473,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         "versions": versions(),
-        "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
+        "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "mmap_threshold": args.mmap_threshold,
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "cases": rows,

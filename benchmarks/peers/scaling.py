@@ -1,9 +1,9 @@
 """Scaling curves: seconds per meta-step and peak memory growth against the meta-batch size and the
-number of inner steps, metaloss task by task and batched against a peer, for the sinusoid MLP and
-the Conv-4 of benchmarks/peers/run.py (same models, data, timing and memory method).
+number of inner steps, metaloss task by task, batched and in task threads against a peer, for the
+sinusoid MLP and the Conv-4 of benchmarks/peers/run.py (same models, data, timing and memory method).
 
     python benchmarks/peers/scaling.py                       # both models, peer: TorchOpt
-    python benchmarks/peers/scaling.py --models sinusoid --peer learn2learn
+    python benchmarks/peers/scaling.py --models sinusoid --peer learn2learn --ours metaloss metaloss_batched
 
 Sweeps: meta-batch 1, 2, 4, 8, 16, 32, 64 at one inner step; inner steps 1, 2, 5, 10, 20 at
 meta-batch `--steps-meta-batch` (default 25 for the sinusoid, 4 for the Conv-4, whose 20-step
@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument(
         "--peer", choices=sorted(n for n in CLASSES if not n.startswith("metaloss")), default="torchopt"
     )
+    parser.add_argument("--ours", nargs="+", choices=sorted(n for n in CLASSES if n.startswith("metaloss")),
+                        default=["metaloss", "metaloss_batched", "metaloss_threads"])  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -102,7 +104,7 @@ def main() -> None:
         parser.error("need --repeats >= 1 and --threads >= 1")
     args.warmup = 1  # for the memory children: warm-up + 1 meta-steps
     torch.set_num_threads(args.threads)
-    names = ["metaloss", "metaloss_batched", args.peer]
+    names = [*args.ours, args.peer]
     load_at_start = os.getloadavg()
     curves: dict[str, dict[str, list]] = {}
     for model in args.models:
@@ -122,7 +124,8 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         "torch": torch.__version__,
-        "threads": args.threads, "repeats": args.repeats, "peer": args.peer, "no_memory": args.no_memory,
+        "threads": args.threads, "repeats": args.repeats, "peer": args.peer, "ours": args.ours,
+        "no_memory": args.no_memory,
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "curves": curves,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
+from metaloss.hypergrad.threads import first_device, local_copy, map_in_threads, resolve_threads
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -48,17 +50,29 @@ class HypergradEstimator(ABC):
 TaskEstimate = Callable[[BilevelProblem, Episode, list[Tensor], float], tuple[Sequence[Tensor | None], dict[str, Any]]]
 
 
-def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: TaskEstimate) -> HypergradOut:
+def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: TaskEstimate,
+                    threads: int | str = 1) -> HypergradOut:  # fmt: skip
     """Sum `task(problem, episode, phi, 1 / B)` (its scaled gradient and metrics) over a meta-batch
     of B episodes, task by task, so one task's graph is freed before the next is built. A gradient
-    stays None where no task reached that meta-parameter (an optimizer then leaves it alone)."""
+    stays None where no task reached that meta-parameter (an optimizer then leaves it alone).
+    threads: tasks run side by side on this many CPU threads (`metaloss.hypergrad.threads`; "auto":
+    one per intra-op thread where the model allows it), summed in the same task order."""
     if not episodes:
         raise ConfigError("a meta-batch needs at least one episode")
     phi = problem.meta_parameters()
+    scale = 1.0 / len(episodes)
+    workers = resolve_threads(threads, problem.model, len(episodes), first_device(phi))
+    if workers > 1:
+
+        def one(i: int):  # this thread's copy of the model's module tree, the same tensors
+            return task(dataclasses.replace(problem, model=local_copy(problem.model)), episodes[i], phi, scale)
+
+        results = map_in_threads(one, len(episodes), workers)
+    else:
+        results = (task(problem, episode, phi, scale) for episode in episodes)
     grads: list[Tensor | None] = [None] * len(phi)
     sums: dict[str, float] = {}
-    for episode in episodes:
-        task_grads, metrics = task(problem, episode, phi, 1.0 / len(episodes))
+    for task_grads, metrics in results:
         grads = [t if g is None else (g if t is None else g + t) for g, t in zip(grads, task_grads)]
         for k, value in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(value)

@@ -21,6 +21,7 @@ from torch import Tensor
 from metaloss.errors import ConfigError
 from metaloss.functional import tree_map, tree_tensors
 from metaloss.hypergrad.base import HypergradEstimator, mean_over_tasks
+from metaloss.hypergrad.threads import check_threads
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -32,15 +33,16 @@ def as_leaf(t: Tensor) -> Tensor:
 
 class CheckpointedUnrolled(HypergradEstimator):
     """Full second-order unrolled hypergradient with segment checkpoints every `segment` inner
-    steps (None: ceil(sqrt(T)))."""
+    steps (None: ceil(sqrt(T))); threads: tasks side by side on this many CPU threads
+    (`metaloss.hypergrad.threads`)."""
 
-    def __init__(self, segment: int | None = None) -> None:
+    def __init__(self, segment: int | None = None, threads: int | str = 1) -> None:
         if segment is not None and segment < 1:
             raise ConfigError(f"segment must be >= 1 or None, got {segment}")
-        self.segment = segment
+        self.segment, self.threads = segment, check_threads(threads)
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
-        return mean_over_tasks(problem, episodes, self._task)
+        return mean_over_tasks(problem, episodes, self._task, self.threads)
 
     def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
         steps = problem.inner_steps

@@ -21,6 +21,7 @@ from torch import Tensor
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import HypergradEstimator, mean_over_tasks
 from metaloss.hypergrad.linalg import conjugate_gradient, neumann_series, relative_residual
+from metaloss.hypergrad.threads import check_threads
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -33,16 +34,19 @@ def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> l
 
 class Implicit(HypergradEstimator):
     """Implicit hypergradient. solver: "cg" or "neumann"; iterations: CG iterations or Neumann terms;
-    tol: CG's relative residual target; damping: added to H (Tikhonov); alpha: Neumann step size."""
+    tol: CG's relative residual target; damping: added to H (Tikhonov); alpha: Neumann step size;
+    threads: tasks side by side on this many CPU threads (`metaloss.hypergrad.threads`)."""
 
     def __init__(
-        self, solver: str = "cg", iterations: int = 20, tol: float = 1e-10, damping: float = 0.0, alpha: float = 1.0
+        self, solver: str = "cg", iterations: int = 20, tol: float = 1e-10, damping: float = 0.0, alpha: float = 1.0,
+        threads: int | str = 1,
     ) -> None:
         if solver not in SOLVERS:
             raise ConfigError(f"unknown implicit solver {solver!r}; expected one of {SOLVERS}")
         if iterations < 1 or tol < 0 or damping < 0 or alpha <= 0:
             raise ConfigError("implicit: need iterations >= 1, tol >= 0, damping >= 0 and alpha > 0")
         self.solver, self.iterations, self.tol, self.damping, self.alpha = solver, iterations, tol, damping, alpha
+        self.threads = check_threads(threads)
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         if problem.trajectory_objective:
@@ -50,7 +54,7 @@ class Implicit(HypergradEstimator):
                 "implicit differentiation supports meta_objective='query' only: the trajectory objective "
                 "depends on every iterate, not only on the inner solution (use unrolled or checkpointed)"
             )
-        return mean_over_tasks(problem, episodes, self._task)
+        return mean_over_tasks(problem, episodes, self._task, self.threads)
 
     def _task(
         self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float

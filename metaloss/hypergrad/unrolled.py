@@ -12,6 +12,8 @@ batched=True runs the meta-batch's tasks as one `torch.func.vmap` batch with `to
 outer gradients (`mean_over_tasks_batched`), the same hypergradient as the task-by-task loop:
 faster where one task is too small to keep the machine busy (the sinusoid MLP on a CPU), slower
 where one task already is (a Conv-4 on 2 CPU cores), at the memory of `chunk` tasks at once.
+threads=N runs the loop's tasks side by side on N CPU threads instead (`metaloss.hypergrad.threads`),
+the loop's hypergradient bit for bit at one intra-op thread.
 batched="auto" decides per meta-batch by the measured rule of `batching_pays`, and falls back to the
 loop for good (with a warning) where vmap refuses an operation of the problem.
 """
@@ -32,6 +34,7 @@ from metaloss.hypergrad.base import (
     mean_over_tasks_batched,
     vmap_refusal,
 )
+from metaloss.hypergrad.threads import check_threads
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -41,10 +44,11 @@ MODES = ("full", "first_order", "truncated")
 class Unrolled(HypergradEstimator):
     """Unrolled hypergradient; `truncation` K is required by (and only used in) mode ``truncated``.
     batched: the tasks of a meta-batch as one vmap batch, `chunk` at a time (None: all); "auto": where
-    `batching_pays`."""
+    `batching_pays`. threads: tasks that are not batched run side by side on this many CPU threads
+    (`metaloss.hypergrad.threads`; "auto": one per intra-op thread where the model allows it)."""
 
     def __init__(self, mode: str = "full", truncation: int | None = None, batched: bool | str = False,
-                 chunk: int | None = None) -> None:  # fmt: skip
+                 chunk: int | None = None, threads: int | str = 1) -> None:  # fmt: skip
         if mode not in MODES:
             raise ConfigError(f"unknown unrolled mode {mode!r}; expected one of {MODES}")
         if mode == "truncated" and (truncation is None or truncation < 1):
@@ -55,7 +59,7 @@ class Unrolled(HypergradEstimator):
             raise ConfigError(f"chunk must be >= 1 or None, got {chunk}")
         self.mode = mode
         self.truncation = truncation if mode == "truncated" else None
-        self.batched, self.chunk = batched, chunk
+        self.batched, self.chunk, self.threads = batched, chunk, check_threads(threads)
         self.vmap_refused = False  # batched="auto" met an op that vmap cannot batch
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
@@ -68,7 +72,7 @@ class Unrolled(HypergradEstimator):
                 self.vmap_refused = True  # the loop from now on: the same hypergradient
                 warnings.warn(f"hypergrad.batched=auto: the tasks run one by one, vmap refused the problem: "
                               f"{str(err).splitlines()[0][:200]}", stacklevel=2)  # fmt: skip
-        return mean_over_tasks(problem, episodes, self._task)
+        return mean_over_tasks(problem, episodes, self._task, self.threads)
 
     def batches(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> bool:
         """Whether this meta-batch runs as one vmap batch."""

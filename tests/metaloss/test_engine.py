@@ -68,6 +68,24 @@ def test_evaluate_with_tasks_batched_gives_the_numbers_of_the_loop(batch_tasks: 
     assert loop["loss_step3"] < loop["loss_step0"]
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_evaluate_with_tasks_in_threads_gives_the_numbers_of_the_loop_bit_for_bit(threads: int) -> None:
+    """Tasks adapted side by side on CPU threads (rounds of 16 and 24 of 20 tasks: a ragged last
+    round) against one at a time at one intra-op thread, as each worker runs."""
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1)
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("adam", lr=0.05), mse, mse, 1)
+    sampler = SinusoidSampler(seed=3, split="test")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loop = evaluate(problem, sampler, 20, steps=(0, 1, 3))
+    finally:
+        torch.set_num_threads(before)
+    assert evaluate(problem, sampler, 20, steps=(0, 1, 3), threads=threads) == loop
+    assert loop["loss_step3"] < loop["loss_step0"]
+
+
 def test_evaluate_auto_batches_what_vmap_takes_and_falls_back_to_the_loop_where_it_does_not() -> None:
     """batch_tasks="auto": 32 tasks at once for an MLP (the same numbers as the loop, float64, 40 tasks:
     a ragged last batch); a loss with data-dependent control flow is refused by vmap, so auto warns

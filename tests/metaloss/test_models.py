@@ -32,6 +32,38 @@ def test_maml_miniimagenet_conv4_flattens_5x5x32() -> None:
     assert model.head.in_features == 32 * 5 * 5
 
 
+def test_max_pool_conv4_pools_before_the_relu_with_the_same_function_and_meta_gradient() -> None:
+    """conv -> BN -> ReLU -> max-pool (MAML's block) equals conv -> BN -> max-pool -> ReLU, which the
+    model runs (cheaper), in the output and in a second-order MAML meta-gradient."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = Conv4(5, in_channels=1, filters=4, image_size=28, pool="max").double()
+    params = dict(model.named_parameters())
+
+    def textbook(p: dict, x: torch.Tensor) -> torch.Tensor:  # relu before the pool, as in MAML's code
+        for i in range(4):
+            x = F.conv2d(x, p[f"features.{4 * i}.weight"], p[f"features.{4 * i}.bias"], padding=1)
+            x = F.batch_norm(x, None, None, p[f"features.{4 * i + 1}.weight"], p[f"features.{4 * i + 1}.bias"], True)
+            x = F.max_pool2d(F.relu(x), 2)
+        return F.linear(x.flatten(1), p["head.weight"], p["head.bias"])
+
+    def meta_gradient(fwd) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        xs, xq = torch.randn(5, 1, 28, 28, generator=g).double(), torch.randn(10, 1, 28, 28, generator=g).double()
+        inner = torch.autograd.grad(F.cross_entropy(fwd(params, xs), torch.arange(5)), list(params.values()),
+                                    create_graph=True)  # fmt: skip
+        fast = {n: w - 0.4 * gw for (n, w), gw in zip(params.items(), inner)}
+        return torch.autograd.grad(F.cross_entropy(fwd(fast, xq), torch.arange(5).repeat(2)), list(params.values()))
+
+    x = torch.randn(6, 1, 28, 28).double()
+    torch.testing.assert_close(torch.func.functional_call(model, params, (x,)), textbook(params, x), rtol=0, atol=0)
+    ours = meta_gradient(lambda p, x: torch.func.functional_call(model, p, (x,)))
+    for a, b in zip(ours, meta_gradient(textbook)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert isinstance(model.features[2], torch.nn.MaxPool2d) and isinstance(model.features[3], torch.nn.ReLU)
+
+
 def test_group_norm_conv4_predicts_each_sample_alone() -> None:
     torch.manual_seed(0)
     model = Conv4(10, in_channels=1, filters=16, image_size=28, pool="stride", global_pool=True, norm="group")

@@ -44,6 +44,9 @@ CASES: dict[str, Case] = {
     "baseline_enabled_word": Case(["baseline.enabled=sometimes"], 2, "baseline.enabled must be true, false or auto"),
     "batched_word": Case(["hypergrad.batched=sometimes"], 2, "batched must be true, false or 'auto', got 'sometimes'"),
     "batch_tasks_zero": Case(["test.batch_tasks=0"], 2, "test.batch_tasks must be an int >= 1 or auto, got 0"),
+    "test_threads_zero": Case(["test.threads=0"], 2, "test.threads must be an int >= 1 or auto, got 0"),
+    "hypergrad_threads_word": Case(["hypergrad.threads=two"], 2,
+                                   "threads must be a positive count or 'auto', got 'two'"),  # fmt: skip
     "meta_steps_not_an_int": Case(["train.meta_steps=abc"], 2, "train.meta_steps: Value 'abc' of type 'str' could not"),
     "seed_not_an_int": Case(["seed=abc"], 2, "seed: Value 'abc' of type 'str' could not be converted to Integer"),
     "unknown_key": Case(["foo=1"], 2, "Could not override 'foo'. To append to your config use +foo=1"),
