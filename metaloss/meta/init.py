@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import zlib
 from typing import Any
 
@@ -41,6 +42,9 @@ class FixedInit(nn.Module):
         return {name: getattr(self, name.replace(".", "__")) for name in self.names}
 
 
+_draw_lock = threading.Lock()
+
+
 class RandomInit(nn.Module):
     """w0 drawn afresh for every episode with the model's own initialisation scheme (each module's
     `reset_parameters()`), not meta-learned: ML3 (Bechtle et al. 2021) trains a freshly
@@ -61,13 +65,15 @@ class RandomInit(nn.Module):
 
     def forward(self, episode: Episode | None = None) -> Params:
         key = self.seed if episode is None else zlib.crc32(_fingerprint(episode), self.seed & 0xFFFFFFFF)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        # one draw at a time: it reseeds the global generator and draws into the shared template, and
+        # tasks may run on several threads (metaloss.hypergrad.threads)
+        with _draw_lock, torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(key)
             for module in self.template.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-        params = dict(self.template.named_parameters())
-        return {name: params[name].detach().clone() for name in self.names}
+            params = dict(self.template.named_parameters())
+            return {name: params[name].detach().clone() for name in self.names}
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {}  # nothing learned and nothing fixed: the seed is configuration

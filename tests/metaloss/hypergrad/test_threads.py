@@ -20,7 +20,7 @@ from metaloss.errors import ConfigError
 from metaloss.functional import apply_batchnorm_policy
 from metaloss.hypergrad import CheckpointedUnrolled, Implicit, Unrolled
 from metaloss.hypergrad.threads import pool, resolve_threads
-from metaloss.meta import ML3RegressionLoss, Proximal
+from metaloss.meta import ML3RegressionLoss, Proximal, RandomInit
 from metaloss.models import MLP, Conv4
 
 
@@ -74,6 +74,16 @@ def test_a_learned_loss_and_minibatched_inner_steps() -> None:
     problem.inner_batch_size, problem.shuffle_seed = 4, 7
     for mode, truncation in MODES:
         assert_identical(*both(lambda t, m=mode, k=truncation: Unrolled(m, k, threads=t), problem, make_episodes(4)))
+
+
+def test_a_fresh_random_initialisation_per_episode_is_drawn_as_in_the_loop() -> None:
+    """ML3's set-up: w0 drawn per episode (`RandomInit` reseeds the global generator, under a lock)
+    and a learned loss as phi; 8 tasks on 3 threads draw the loop's initialisations."""
+    torch.manual_seed(3)
+    problem = make_problem("sgd")
+    problem = dataclasses.replace(problem, init=RandomInit(problem.model, seed=5),
+                                  inner_loss=ML3RegressionLoss(2, 1, hidden=(6,)).double())  # fmt: skip
+    assert_identical(*both(lambda t: Unrolled(threads=t), problem, make_episodes(8), threads=3))
 
 
 def test_checkpointed_and_implicit_estimators() -> None:
