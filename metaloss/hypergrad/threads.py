@@ -18,6 +18,7 @@ at once, against one for the loop.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -32,6 +33,16 @@ from metaloss.errors import ConfigError
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _local = threading.local()
+
+
+def _forget_pools_in_child() -> None:
+    """A forked child has none of the parent's worker threads: it starts its own pools when asked."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 def _start_pool(workers: int) -> ThreadPoolExecutor:

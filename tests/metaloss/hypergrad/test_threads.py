@@ -112,6 +112,22 @@ def test_workers_run_one_intra_op_thread_and_leave_the_callers_count() -> None:
     assert torch.get_num_threads() == before
 
 
+def test_a_forked_child_starts_its_own_workers() -> None:
+    """A child forked after the parent started its pool has none of its threads: it must not wait
+    on them forever."""
+    import multiprocessing
+
+    pool(2)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as children:
+        counts = children.apply_async(_child_worker_counts).get(timeout=60)
+    assert counts == [1, 1]
+
+
+def _child_worker_counts() -> list[int]:
+    return list(pool(2).map(lambda _: torch.get_num_threads(), range(2)))
+
+
 def test_auto_threads_convolutional_models_on_a_cpu_and_loops_elsewhere() -> None:
     conv = apply_batchnorm_policy(Conv4(3, 1, 4, 12), "transductive")
     cpu = torch.device("cpu")
