@@ -133,6 +133,27 @@ def vmap_refusal(err: RuntimeError) -> bool:
     return "vmap" in message or "batching rule" in message
 
 
+def saved_bytes_per_task(problem: BilevelProblem, episode: Episode, task_loss: Callable[..., Any]) -> int:
+    """Bytes of the tensors that one task's graph saves for its backward pass (each storage once),
+    measured on the task loop's autograd graph of `episode`: what a task adds to a vmap batch, up to
+    the batch's temporaries (a Conv-4's batch peaked at about 2x this per task, benchmarks/README.md)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        task_loss(problem, episode, functional=False)
+    return sum(storages.values())
+
+
+def chunk_for_budget(budget_mb: float, per_task_bytes: int, tasks: int) -> int:
+    """The most tasks whose saved graphs fit in `budget_mb` (at least one, at most `tasks`)."""
+    return max(1, min(tasks, int(budget_mb * 2**20 // max(per_task_bytes, 1))))
+
+
 def mean_over_tasks_batched(problem: BilevelProblem, episodes: Sequence[Episode], task_loss: TaskLoss,
                             chunk: int | None = None) -> HypergradOut:  # fmt: skip
     """The mean of `mean_over_tasks` from one batch: the B episodes stacked, and the gradient of

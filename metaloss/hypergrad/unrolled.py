@@ -30,8 +30,10 @@ from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import (
     HypergradEstimator,
     batching_pays,
+    chunk_for_budget,
     mean_over_tasks,
     mean_over_tasks_batched,
+    saved_bytes_per_task,
     vmap_refusal,
 )
 from metaloss.hypergrad.threads import check_threads
@@ -44,11 +46,14 @@ MODES = ("full", "first_order", "truncated")
 class Unrolled(HypergradEstimator):
     """Unrolled hypergradient; `truncation` K is required by (and only used in) mode ``truncated``.
     batched: the tasks of a meta-batch as one vmap batch, `chunk` at a time (None: all); "auto": where
-    `batching_pays`. threads: tasks that are not batched run side by side on this many CPU threads
+    `batching_pays`. graph_budget_mb: instead of a fixed chunk, as many tasks at once as their saved
+    graphs fit in this many MB (`saved_bytes_per_task`, measured on the first meta-batch of each
+    episode shape). threads: tasks that are not batched run side by side on this many CPU threads
     (`metaloss.hypergrad.threads`; "auto": one per intra-op thread where the model allows it)."""
 
     def __init__(self, mode: str = "full", truncation: int | None = None, batched: bool | str = False,
-                 chunk: int | None = None, threads: int | str = 1) -> None:  # fmt: skip
+                 chunk: int | None = None, threads: int | str = 1,
+                 graph_budget_mb: float | None = None) -> None:  # fmt: skip
         if mode not in MODES:
             raise ConfigError(f"unknown unrolled mode {mode!r}; expected one of {MODES}")
         if mode == "truncated" and (truncation is None or truncation < 1):
@@ -57,15 +62,20 @@ class Unrolled(HypergradEstimator):
             raise ConfigError(f"batched must be true, false or 'auto', got {batched!r}")
         if chunk is not None and chunk < 1:
             raise ConfigError(f"chunk must be >= 1 or None, got {chunk}")
+        if graph_budget_mb is not None and (graph_budget_mb <= 0 or chunk is not None):
+            raise ConfigError(f"graph_budget_mb must be > 0 and needs chunk=null (it chooses the chunk), got "
+                              f"{graph_budget_mb} with chunk={chunk}")  # fmt: skip
         self.mode = mode
         self.truncation = truncation if mode == "truncated" else None
         self.batched, self.chunk, self.threads = batched, chunk, check_threads(threads)
+        self.graph_budget_mb = graph_budget_mb
+        self.saved_bytes: dict[tuple, int] = {}  # per episode shape, for graph_budget_mb
         self.vmap_refused = False  # batched="auto" met an op that vmap cannot batch
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         if self.batches(problem, episodes):
             try:
-                return mean_over_tasks_batched(problem, episodes, self._task_loss, self.chunk)
+                return mean_over_tasks_batched(problem, episodes, self._task_loss, self.chunk_for(problem, episodes))
             except RuntimeError as err:  # an op vmap cannot batch (data-dependent control flow, .item())
                 if self.batched != "auto" or not vmap_refusal(err):
                     raise
@@ -73,6 +83,15 @@ class Unrolled(HypergradEstimator):
                 warnings.warn(f"hypergrad.batched=auto: the tasks run one by one, vmap refused the problem: "
                               f"{str(err).splitlines()[0][:200]}", stacklevel=2)  # fmt: skip
         return mean_over_tasks(problem, episodes, self._task, self.threads)
+
+    def chunk_for(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> int | None:
+        """The tasks per vmap call: `chunk`, or what `graph_budget_mb` allows."""
+        if self.graph_budget_mb is None:
+            return self.chunk
+        shape = tuple(tuple(t.shape) for t in (episodes[0].support_x, episodes[0].query_x))
+        if shape not in self.saved_bytes:
+            self.saved_bytes[shape] = saved_bytes_per_task(problem, episodes[0], self._task_loss)
+        return chunk_for_budget(self.graph_budget_mb, self.saved_bytes[shape], len(episodes))
 
     def batches(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> bool:
         """Whether this meta-batch runs as one vmap batch."""

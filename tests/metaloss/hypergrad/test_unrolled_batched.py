@@ -17,6 +17,7 @@ from test_unrolled import make_episodes, make_problem
 from metaloss.engine import evaluate
 from metaloss.errors import ConfigError
 from metaloss.hypergrad import Unrolled
+from metaloss.hypergrad.base import chunk_for_budget, saved_bytes_per_task
 from metaloss.meta import ML3RegressionLoss
 from metaloss.types import Episode
 
@@ -85,6 +86,24 @@ def test_conv4_with_batchnorm_affine_meta_parameters() -> None:
     assert affine and all(id(init[f"model.{n}.weight"]) in phi for n in affine)  # BatchNorm affine weights are phi
     for mode, truncation in MODES[:2]:
         assert_same(*both(problem, episodes, mode, truncation))
+
+
+def test_a_graph_budget_chooses_the_chunk_and_keeps_the_hypergradient() -> None:
+    problem, episodes = make_problem("adam_learned"), make_episodes(5)
+    per_task = saved_bytes_per_task(problem, episodes[0], Unrolled()._task_loss)
+    assert per_task > 0
+    e = episodes[0]
+    wider = Episode(e.support_x, e.support_y, torch.cat([e.query_x] * 4), torch.cat([e.query_y] * 4))
+    assert saved_bytes_per_task(problem, wider, Unrolled()._task_loss) > per_task  # more query rows saved
+    for tasks_fitting, expected in ((0.5, 1), (2, 2), (2.9, 2), (5, 5), (100, 5)):
+        estimator = Unrolled(batched=True, graph_budget_mb=tasks_fitting * per_task / 2**20)
+        assert estimator.chunk_for(problem, episodes) == expected
+        assert_same(estimator.estimate(problem, episodes), Unrolled().estimate(problem, episodes))
+    assert chunk_for_budget(1.0, 2**20 // 3 + 1, 10) == 2 and chunk_for_budget(1e-9, 10, 4) == 1
+    with pytest.raises(ConfigError, match="graph_budget_mb"):
+        Unrolled(batched=True, chunk=2, graph_budget_mb=10)
+    with pytest.raises(ConfigError, match="graph_budget_mb"):
+        Unrolled(batched=True, graph_budget_mb=0)
 
 
 class Fixed:
