@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from run import CASES, build, meta_batches
+from run import CASES, build, meta_batches, peak_growth
 
 BUDGETS = (None, 1000.0, 500.0, 250.0, 100.0)  # MB; None: all 32 tasks at once
 
@@ -34,20 +34,10 @@ def child(case_name: str, budget: float | None, seed: int) -> dict[str, float]:
     impl.estimator.graph_budget_mb = budget
     batches = meta_batches(case, 2, seed + 1)
     chunk = impl.estimator.chunk_for(impl.problem, batches[0])  # measures the saved bytes of one task
-
-    def status(key: str) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1]) / 1024  # kB -> MB
-        raise RuntimeError(f"no {key} in /proc/self/status")
-
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    before = status("VmRSS")
-    for batch in batches:
-        impl.step(batch)
+    growth = peak_growth(lambda: [impl.step(batch) for batch in batches])
     saved = next(iter(impl.estimator.saved_bytes.values()), None)
     return {"chunk": chunk if chunk is not None else case.meta_batch,
-            "peak_growth_mb": round(status("VmHWM") - before, 1),
+            "peak_growth_mb": round(growth["peak_growth_mb"], 1),
             "saved_mb_per_task": None if saved is None else round(saved / 2**20, 2)}  # fmt: skip
 
 

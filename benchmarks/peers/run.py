@@ -368,6 +368,23 @@ def build(case: Case, name: str, seed: int) -> Implementation:
 # measurements
 
 
+def proc_status_mb(key: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM, ...) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return float(line.split()[1]) / 1024  # kB -> MB
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def peak_growth(run: Callable[[], None]) -> dict[str, float]:
+    """The resident-set peak while `run()` runs, minus the resident set before it, in MB (VmHWM is
+    reset to the current resident set first)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = proc_status_mb("VmRSS")
+    run()
+    return {"peak_growth_mb": proc_status_mb("VmHWM") - before, "rss_before_mb": before}
+
+
 def peak_growth_child(case_json: str, impl_name: str, args: argparse.Namespace) -> dict[str, float]:
     """In this (fresh) process: the resident-set peak over warm-up + 1 meta-steps, minus the
     resident set before them, in MB."""
@@ -375,18 +392,7 @@ def peak_growth_child(case_json: str, impl_name: str, args: argparse.Namespace) 
     case = Case(**json.loads(case_json))
     impl = build(case, impl_name, args.seed)
     batches = meta_batches(case, args.warmup + 1, args.seed + 1)
-
-    def status(key: str) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1]) / 1024  # kB -> MB
-        raise RuntimeError(f"no {key} in /proc/self/status")
-
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    before = status("VmRSS")
-    for batch in batches:
-        impl.step(batch)
-    return {"peak_growth_mb": status("VmHWM") - before, "rss_before_mb": before}
+    return peak_growth(lambda: [impl.step(batch) for batch in batches])
 
 
 def memory(case: Case, impl_name: str, args: argparse.Namespace) -> dict[str, float]:
