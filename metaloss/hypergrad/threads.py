@@ -122,16 +122,22 @@ def map_in_threads(fn: Callable[[int], Any], count: int, workers: int) -> list[A
 
 def resolve_threads(threads: int | str, model: nn.Module, tasks: int, device: torch.device) -> int:
     """How many task threads a meta-batch uses. "auto": the caller's intra-op thread count (one task
-    per core) for a convolutional model on a CPU that the rule allows (`thread_safe_model`), with at
-    least two tasks; 1 (the loop) otherwise. Measured on 2 cores (benchmarks/peers): a Conv-4 task
-    pair side by side took 0.8x to 0.9x the loop's time; the sinusoid MLP's took 1.2x (its tiny ops
-    wait on the GIL; it is batched instead, `batching_pays`). An explicit count > 1 that the model
-    does not allow is an error."""
+    per core) for a convolutional model on a CPU that `thread_safe_model` allows, with at least two
+    tasks and workers that can be pinned (`pool`); 1 (the loop) otherwise. Measured on 2 cores
+    (benchmarks/peers): Conv-4 tasks in threads took 0.65x to 0.96x the loop's time; the sinusoid
+    MLP's 1.2x (its tiny ops wait on the GIL; it is batched instead, `batching_pays`). An explicit
+    count > 1 that the model does not allow is an error."""
     if threads == "auto":
         convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         if device.type != "cpu" or tasks < 2 or not convolutional or thread_safe_model(model) is not None:
             return 1
-        return max(1, min(torch.get_num_threads(), tasks))
+        workers = max(1, min(torch.get_num_threads(), tasks))
+        if workers > 1:
+            try:
+                pool(workers)
+            except ConfigError:  # a torch build whose workers cannot be pinned: the loop
+                return 1
+        return workers
     if threads == 1:
         return 1
     reason = thread_safe_model(model)
