@@ -145,6 +145,26 @@ def test_auto_threads_convolutional_models_on_a_cpu_and_loops_elsewhere() -> Non
         torch.set_num_threads(before)
 
 
+def test_auto_loops_where_workers_cannot_be_pinned(monkeypatch) -> None:
+    """A torch build without per-thread intra-op counts: `auto` runs the loop, threads=N says why."""
+    from metaloss.hypergrad import threads
+
+    def refuse(workers: int):
+        raise ConfigError("hypergrad.threads: this torch build cannot pin worker threads")
+
+    monkeypatch.setattr(threads, "pool", refuse)
+    conv = apply_batchnorm_policy(Conv4(3, 1, 4, 12), "transductive")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert resolve_threads("auto", conv, 8, torch.device("cpu")) == 1
+    finally:
+        torch.set_num_threads(before)
+    problem, episodes = conv4_problem()
+    with pytest.raises(ConfigError, match="cannot pin"):
+        Unrolled(threads=2).estimate(problem, episodes)
+
+
 def test_models_whose_tasks_cannot_run_side_by_side_are_refused_or_looped() -> None:
     cpu = torch.device("cpu")
     dropout = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Dropout(0.5))
