@@ -21,7 +21,7 @@ import copy
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -108,16 +108,17 @@ def local_copy(model: nn.Module) -> nn.Module:
     return entry[1]
 
 
-def map_in_threads(fn: Callable[[int], Any], count: int, workers: int) -> list[Any]:
-    """[fn(0), ..., fn(count - 1)] computed on `workers` pinned threads, in order. Grad mode follows
-    the caller's (it is a per-thread setting)."""
+def map_in_threads(fn: Callable[[int], Any], count: int, workers: int) -> Iterator[Any]:
+    """fn(0), ..., fn(count - 1) computed on `workers` pinned threads, yielded in order as they are
+    ready (a caller that sums them holds few at once). Grad mode follows the caller's (it is a
+    per-thread setting)."""
     grad_enabled = torch.is_grad_enabled()
 
     def run(i: int) -> Any:
         with torch.set_grad_enabled(grad_enabled):
             return fn(i)
 
-    return list(pool(workers).map(run, range(count)))
+    return pool(workers).map(run, range(count))
 
 
 def resolve_threads(threads: int | str, model: nn.Module, tasks: int, device: torch.device) -> int:
