@@ -50,7 +50,7 @@ def _start_pool(workers: int) -> ThreadPoolExecutor:
     per-thread setting that a thread takes from the process-wide value at its first parallel
     operation: the workers start while that value is 1, then the caller's own count is restored."""
     main = torch.get_num_threads()
-    barrier = threading.Barrier(workers + 1)
+    barrier = threading.Barrier(workers + 1, timeout=60)  # a pool that never starts its threads fails, not hangs
 
     def pin() -> int:
         torch.ones(1 << 16).sum()  # the first parallel op fixes this thread's count at 1
@@ -61,11 +61,14 @@ def _start_pool(workers: int) -> ThreadPoolExecutor:
     try:
         pool = ThreadPoolExecutor(workers, thread_name_prefix="metaloss-task")
         futures = [pool.submit(pin) for _ in range(workers)]  # each blocks until all have started
-        barrier.wait()
-        counts = [f.result() for f in futures]
+        try:
+            barrier.wait()
+            counts = [f.result() for f in futures]
+        except threading.BrokenBarrierError:
+            counts = []
     finally:
         torch.set_num_threads(main)
-    if any(c != 1 for c in counts) or torch.get_num_threads() != main:
+    if len(counts) != workers or any(c != 1 for c in counts) or torch.get_num_threads() != main:
         pool.shutdown()
         raise ConfigError(f"hypergrad.threads: this torch build cannot pin worker threads to one intra-op thread "
                           f"(workers report {counts}); use threads=1")  # fmt: skip
