@@ -35,6 +35,8 @@ run_one() {
     maxpool_metasgd_within) extra=("${maxpool[@]}" algorithm=metasgd task.train_within_alphabet=true) ;;  # Meta-SGD's per-weight rates
     maxpool_lslr_within_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=1) ;;  # seed spread
     maxpool_lslr_within_seed2) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=2) ;;
+    maxpool_lslr_within_32f) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32) ;;  # MAML's mini-ImageNet width
+    maxpool_lslr_within_32f_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32 seed=1) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"
