@@ -12,16 +12,14 @@ The last stdout line is the JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from run import CASES, build, meta_batches, peak_growth
+from run import CASES, build, meta_batches, peak_growth, provenance, write_result
 
 BUDGETS = (None, 1000.0, 500.0, 250.0, 100.0)  # MB; None: all 32 tasks at once
 
@@ -64,14 +62,10 @@ def main() -> None:
         print(row, file=sys.stderr)
     result = {
         "benchmark": "peers_graph_budget",
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        **provenance(),
         "torch": torch.__version__, "case": args.case, "setting": CASES[args.case].__dict__, "rows": rows,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

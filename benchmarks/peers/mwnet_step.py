@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from run import provenance, write_result  # benchmarks/peers/run.py, beside this script
 from torch.func import functional_call
 
 from metaloss.hypergrad import TruncatedBackprop
@@ -130,9 +127,7 @@ def main() -> None:
     (phi_a, w_a), (phi_b, w_b) = results["metaloss"], results["hand_written"]
     result = {
         "benchmark": "peers_mwnet",
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        **provenance(), "torch": torch.__version__,
         "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "seconds_per_step": {n: round(statistics.median(s), 5) for n, s in seconds.items()},
@@ -143,9 +138,7 @@ def main() -> None:
         "weight_net_moved": max((a - b).abs().max().item()
                                 for a, b in zip(phi_b, make_problem(0)[0].meta_parameters())),
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -456,6 +456,23 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def provenance(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """The command (this script with `argv`, default the process's arguments), the UTC date and the
+    machine, for a benchmark's result file."""
+    return {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+    }
+
+
+def write_result(result: dict, out: Path) -> None:
+    """Write `result` to `out` as JSON and print it as the last stdout line."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
 def versions() -> dict[str, str | bool]:
     out: dict[str, str | bool] = {"torch": torch.__version__}
     for package in ("higher", "learn2learn", "torchopt"):
@@ -499,18 +516,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = [run_case(name, args) for name in args.cases]
     result = {
         "benchmark": "peers",
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        **provenance(argv),
         "versions": versions(),
         "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "mmap_threshold": args.mmap_threshold,
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "cases": rows,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

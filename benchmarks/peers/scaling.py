@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from run import CLASSES, Case, build, memory, meta_batches
+from run import CLASSES, Case, build, memory, meta_batches, provenance, write_result
 
 META_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 INNER_STEPS = (1, 2, 5, 10, 20)
@@ -120,9 +117,7 @@ def main() -> None:
             print(f"{model} inner steps {steps}: {curves[model]['inner_steps'][-1]}", file=sys.stderr)
     result = {
         "benchmark": "peers_scaling",
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        **provenance(),
         "torch": torch.__version__,
         "threads": args.threads, "repeats": args.repeats, "peer": args.peer, "ours": args.ours,
         "no_memory": args.no_memory,
@@ -130,10 +125,8 @@ def main() -> None:
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "curves": curves,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     plot(result, args.out.with_suffix(".png"))
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":
