@@ -21,13 +21,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaloss.errors import ConfigError
+from metaloss.models import PerStepBatchNorm2d
 from metaloss.types import Params
 
 BATCHNORM_POLICIES = ("transductive", "frozen")
 
 
-def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """Run `model` on `x` with `params` in place of its own parameters (buffers kept)."""
+def forward(model: nn.Module, params: Params, x: Tensor, step: int | None = None) -> Tensor:
+    """Run `model` on `x` with `params` in place of its own parameters (buffers kept). A model whose
+    `takes_step` is true (e.g. per-step BatchNorm) is given the inner step too (None: after
+    adaptation); other models ignore it."""
+    if step is not None and getattr(model, "takes_step", False):
+        return functional_call(model, params, (x,), {"step": step}, strict=False)
     return functional_call(model, params, (x,), strict=False)
 
 
@@ -44,6 +49,8 @@ def apply_batchnorm_policy(model: nn.Module, policy: str) -> nn.Module:
     if policy not in BATCHNORM_POLICIES:
         raise ConfigError(f"unknown batchnorm policy {policy!r}; expected one of {BATCHNORM_POLICIES}")
     for module in model.modules():
+        if policy == "frozen" and isinstance(module, PerStepBatchNorm2d):
+            raise ConfigError("batchnorm policy 'frozen' needs running statistics; per-step BatchNorm has none")
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if policy == "transductive":
                 module.track_running_stats = False

@@ -44,6 +44,33 @@ class MLP(nn.Module):
         return "body", "head"
 
 
+class PerStepBatchNorm2d(nn.Module):
+    """BatchNorm with one affine pair per inner step: MAML++'s per-step BatchNorm weights and biases
+    (BNWB; Antoniou et al. 2019, "How to train your MAML"). Normalises with the statistics of the
+    batch it is given (the transductive policy; no running statistics), then
+
+        y = gamma_k * (x - mean) / sqrt(var + eps) + beta_k,   k = min(step, K - 1),
+
+    with step None (the query after adaptation) using the last pair, K - 1. With K = T + 1 for T
+    training inner steps, every support step and the query have their own pair; evaluation with more
+    steps reuses the last one."""
+
+    takes_step = True
+
+    def __init__(self, channels: int, steps: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if steps < 1:
+            raise ConfigError(f"per-step BatchNorm needs >= 1 step, got {steps}")
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(steps, channels))  # [K, C]
+        self.bias = nn.Parameter(torch.zeros(steps, channels))  # [K, C]
+
+    def forward(self, x: Tensor, step: int | None = None) -> Tensor:  # x: [n, C, H, W]
+        last = self.weight.shape[0] - 1
+        k = last if step is None else min(step, last)
+        return F.batch_norm(x, None, None, self.weight[k], self.bias[k], training=True, eps=self.eps)
+
+
 class Conv4(nn.Module):
     """The four-block convnet of MAML (Finn et al. 2017) / matching networks (Vinyals et al. 2016).
 
@@ -54,6 +81,8 @@ class Conv4(nn.Module):
     or on their spatial mean (`global_pool=True`, as MAML's Omniglot model: 64 features).
     `norm="group"`: GroupNorm with 8 groups instead of BatchNorm (per sample, so no statistics of a
     batch reach a prediction; DomainBed's MNIST CNN, Gulrajani & Lopez-Paz 2021).
+    `norm="batch_per_step"`: `PerStepBatchNorm2d` with `norm_steps` affine pairs (MAML++), selected
+    by the inner step that `forward(x, step)` is given.
     """
 
     def __init__(
@@ -65,12 +94,15 @@ class Conv4(nn.Module):
         pool: str = "stride",
         global_pool: bool = False,
         norm: str = "batch",
+        norm_steps: int = 2,
     ) -> None:
         super().__init__()
         if pool not in ("stride", "max"):
             raise ConfigError(f"Conv4 pool must be 'stride' or 'max', got {pool!r}")
-        if norm not in ("batch", "group") or (norm == "group" and filters % 8):
-            raise ConfigError(f"Conv4 norm must be 'batch' or 'group' (filters divisible by 8), got {norm!r}")
+        if norm not in ("batch", "group", "batch_per_step") or (norm == "group" and filters % 8):
+            raise ConfigError("Conv4 norm must be 'batch', 'group' (filters divisible by 8) or 'batch_per_step', "
+                              f"got {norm!r}")  # fmt: skip
+        self.takes_step = norm == "batch_per_step"
         if n_classes < 1 or filters < 1 or in_channels < 1:
             raise ConfigError("Conv4 n_classes, filters and in_channels must be positive")
         blocks: list[nn.Module] = []
@@ -80,7 +112,8 @@ class Conv4(nn.Module):
                 blocks += [nn.Conv2d(channels, filters, 3, stride=2, padding=1)]
             else:
                 blocks += [nn.Conv2d(channels, filters, 3, padding=1)]
-            blocks += [nn.BatchNorm2d(filters) if norm == "batch" else nn.GroupNorm(8, filters)]
+            blocks += [{"batch": lambda: nn.BatchNorm2d(filters), "group": lambda: nn.GroupNorm(8, filters),
+                        "batch_per_step": lambda: PerStepBatchNorm2d(filters, norm_steps)}[norm]()]
             # relu(maxpool(x)) = maxpool(relu(x)) (both monotone): the ReLU on a quarter of the values
             blocks += [nn.MaxPool2d(2), nn.ReLU()] if pool == "max" else [nn.ReLU()]
             channels = filters
@@ -93,8 +126,13 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.head = nn.Linear(filters * size * size, n_classes)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [n, C, H, W] -> [n, n_classes]
-        return self.head(self.features(x))
+    def forward(self, x: Tensor, step: int | None = None) -> Tensor:  # x: [n, C, H, W] -> [n, n_classes]
+        """step: the inner step (per-step BatchNorm's pair; None: the last, the query's)."""
+        if not self.takes_step:
+            return self.head(self.features(x))
+        for layer in self.features:
+            x = layer(x, step) if isinstance(layer, PerStepBatchNorm2d) else layer(x)
+        return self.head(x)
 
     def split(self) -> tuple[str, str]:
         """(body, head) submodule names: forward(x) = head(features(x))."""

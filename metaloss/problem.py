@@ -178,8 +178,10 @@ class BilevelProblem:
         frozen = {n: p for n, p in w0.items() if not self._adapted(n)}
         return adapted, frozen
 
-    def predict(self, params: Params, x: Tensor) -> Tensor:
-        return forward(self.model, params, x)
+    def predict(self, params: Params, x: Tensor, step: int | None = None) -> Tensor:
+        """f(x; params) at inner step `step` (None: after adaptation; only a model with `takes_step`,
+        e.g. per-step BatchNorm, tells the steps apart)."""
+        return forward(self.model, params, x, step)
 
     def adapt_to(
         self,
@@ -255,7 +257,7 @@ class BilevelProblem:
                     start, stop = self.data_parallel.shard(len(rows))
                     rows, share = rows[start:stop], (stop - start) / len(rows)  # this rank's B_r of B rows
                 x, y = x[rows], y[rows]  # [B, ...] ([B_r, ...])
-            loss = self._inner_loss(self.predict({**frozen, **params}, x), y, x, params, frozen, t, episode)
+            loss = self._inner_loss(self.predict({**frozen, **params}, x, t), y, x, params, frozen, t, episode)
             if self.inner_regularizer is not None:
                 loss = loss + self.inner_regularizer(params, w0)
             return loss * share if share != 1.0 else loss
@@ -282,7 +284,7 @@ class BilevelProblem:
         """L_inner on a batch: (prediction, target), plus a `LossContext` for a loss that asks for one."""
         if getattr(self.inner_loss, "needs_context", False):
             def predict(x: Tensor) -> Tensor:
-                return self.predict({**frozen, **params}, x)
+                return self.predict({**frozen, **params}, x, t)
 
             return self.inner_loss(prediction, target, LossContext(inputs, params, t, episode, predict))
         return self.inner_loss(prediction, target)
@@ -290,7 +292,8 @@ class BilevelProblem:
     def _head_only(self) -> tuple[str, str] | None:
         """(body, head) names when the features can be reused: only the head adapts, and every
         parameter belongs to one of the two parts."""
-        if not self.reuse_features or self.inner_batch_size is not None or not hasattr(self.model, "split"):
+        if (not self.reuse_features or self.inner_batch_size is not None or not hasattr(self.model, "split")
+                or getattr(self.model, "takes_step", False)):  # per-step layers: the features change with t
             return None
         body, head = self.model.split()
         names = [name for name, _ in self.model.named_parameters()]

@@ -37,6 +37,12 @@ run_one() {
     maxpool_lslr_within_seed2) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=2) ;;
     maxpool_lslr_within_32f) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32) ;;  # MAML's mini-ImageNet width
     maxpool_lslr_within_32f_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32 seed=1) ;;
+    # 32 filters for the time of 64 filters' 600 steps: run with STEPS=1320 VALIDATE=440
+    maxpool_lslr_within_32f_1320steps) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32) ;;
+    # MAML++'s per-step BatchNorm weights and biases (BNWB): pair 0 for the support step, pair 1 for the query
+    maxpool_lslr_within_bnwb) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.norm=batch_per_step model.norm_steps=2) ;;
+    maxpool_lslr_within_bnwb_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.norm=batch_per_step model.norm_steps=2 seed=1) ;;
+    maxpool_lslr_within_32f_1320steps_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32 seed=1) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"

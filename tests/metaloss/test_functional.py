@@ -8,6 +8,7 @@ from torch import nn
 
 from metaloss.errors import ConfigError
 from metaloss.functional import apply_batchnorm_policy, forward
+from metaloss.models import Conv4
 
 
 def test_transductive_normalises_with_the_batch_and_keeps_no_statistics() -> None:
@@ -38,3 +39,5 @@ def test_unknown_or_impossible_policies_fail() -> None:
         apply_batchnorm_policy(nn.BatchNorm1d(2), "sideways")
     with pytest.raises(ConfigError):
         apply_batchnorm_policy(nn.BatchNorm1d(2, track_running_stats=False), "frozen")
+    with pytest.raises(ConfigError, match="per-step"):
+        apply_batchnorm_policy(Conv4(norm="batch_per_step"), "frozen")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metaloss.errors import ConfigError
-from metaloss.models import MLP, CifarResNet, Conv4, ResNet12, ShapedSine
+from metaloss.models import MLP, CifarResNet, Conv4, PerStepBatchNorm2d, ResNet12, ShapedSine
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -72,6 +72,35 @@ def test_group_norm_conv4_predicts_each_sample_alone() -> None:
     torch.testing.assert_close(model(x)[:2], model(x[:2]))  # no statistics of the batch reach a prediction
 
 
+def test_per_step_batchnorm_conv4_uses_the_pair_of_the_step_and_the_last_after_adaptation() -> None:
+    """MAML++'s per-step BatchNorm: step k normalises like BatchNorm on the batch, with the k-th affine
+    pair; None (the query) and steps past the last use the last pair."""
+    torch.manual_seed(0)
+    plain = Conv4(5, in_channels=1, filters=4, image_size=28, pool="max")
+    per_step = Conv4(5, in_channels=1, filters=4, image_size=28, pool="max", norm="batch_per_step", norm_steps=3)
+    assert per_step.takes_step and not plain.takes_step
+    own = per_step.state_dict()
+    per_step.load_state_dict({n: p for n, p in plain.state_dict().items() if n in own and p.shape == own[n].shape},
+                             strict=False)  # the convolutions and the head  # fmt: skip
+    with torch.no_grad():
+        for m in per_step.modules():
+            if isinstance(m, PerStepBatchNorm2d):
+                m.weight.copy_(torch.rand_like(m.weight) + 0.5)
+                m.bias.copy_(torch.randn_like(m.bias))
+    x = torch.randn(6, 1, 28, 28)
+    outputs = [per_step(x, step) for step in range(3)]
+    for step in range(3):
+        params = {n: p for n, p in per_step.named_parameters()}
+        for name, m in per_step.named_modules():
+            if isinstance(m, PerStepBatchNorm2d):
+                params[f"{name}.weight"], params[f"{name}.bias"] = m.weight[step], m.bias[step]
+        torch.testing.assert_close(outputs[step], torch.func.functional_call(plain, params, (x,)))
+    assert not torch.allclose(outputs[0], outputs[1])
+    torch.testing.assert_close(per_step(x), outputs[2], rtol=0, atol=0)  # after adaptation: the last pair
+    torch.testing.assert_close(per_step(x, 7), outputs[2], rtol=0, atol=0)  # evaluation beyond training
+    assert sum(p.numel() for p in per_step.parameters()) == n_params(plain) + 4 * 2 * 2 * 4
+
+
 def test_resnet32_for_cifar_shape_and_size() -> None:
     model = CifarResNet(n_classes=10)
     assert n_params(model) == 464_154  # He et al. 2016's ResNet-32: 0.46M
@@ -89,7 +118,8 @@ def test_resnet12_shape_and_size() -> None:
 @pytest.mark.parametrize(
     "make",
     [lambda: MLP(0), lambda: Conv4(pool="avg"), lambda: Conv4(image_size=0),
-     lambda: Conv4(norm="layer"), lambda: Conv4(filters=12, norm="group"), lambda: ResNet12(widths=(1, 2))],
+     lambda: Conv4(norm="layer"), lambda: Conv4(filters=12, norm="group"),
+     lambda: Conv4(norm="batch_per_step", norm_steps=0), lambda: ResNet12(widths=(1, 2))],
 )
 def test_invalid_shapes_are_rejected(make) -> None:
     with pytest.raises(ConfigError):

@@ -30,6 +30,11 @@ def trained(tmp_path_factory, make_miniimagenet, make_omniglot, make_lake_runs) 
         + ["logger=none", "baseline.enabled=false", "task=omniglot", f"task.root={omniglot}", "task.n_way=3"]
         + [f"task.cache_dir={base / 'cache'}", "task.q_query=1", "model.filters=4", "task.test_alphabets=[]"]
         + ["task.val_alphabets=[]", "task.val_characters=0.5"],
+        # MAML++'s per-step BatchNorm pairs and learned per-layer per-step rates on the max-pool Conv-4
+        "omniglot_per_step": TINY
+        + ["logger=none", "baseline.enabled=false", "task=omniglot", f"task.root={omniglot}", "task.n_way=3"]
+        + [f"task.cache_dir={base / 'cache'}", "task.q_query=1", "model.filters=4", "test.num_tasks=2"]
+        + ["model.pool=max", "model.global_pool=false", "model.norm=batch_per_step", "inner_opt=lslr"],
     }
     runs = run_all(base, plans)
     for run in runs.values():
@@ -52,6 +57,9 @@ def evaluations(trained) -> dict[str, Run]:
         "lake_every_alphabet": MT
         + [f"checkpoint={trained['runs']['omniglot_every_alphabet'].dir / 'checkpoint.pt'}", "task=omniglot_lake"]
         + [f"task.root={trained['lake']}", "task.n_way=3", "test.steps=[0,10]"],
+        "lake_per_step": MT
+        + [f"checkpoint={trained['runs']['omniglot_per_step'].dir / 'checkpoint.pt'}", "task=omniglot_lake"]
+        + [f"task.root={trained['lake']}", "task.n_way=3", "test.steps=[0,1,10]"],
         "missing": MT + [f"checkpoint={trained['base']}/nope.pt"],
         "not_a_checkpoint": MT + [f"checkpoint={trained['mini']}/mini-imagenet-cache-test.pkl"],
         "wrong_way": MT
@@ -66,6 +74,17 @@ def test_a_run_on_every_alphabet_has_no_meta_test_and_is_tested_on_the_lake_runs
     lake = evaluations["lake_every_alphabet"]
     assert lake.returncode == 0, lake.explain()
     assert 0 <= lake.metrics()["error_percent_step10"] <= 100
+
+
+def test_a_per_step_batchnorm_checkpoint_keeps_its_pairs_and_adapts_past_them(trained, evaluations) -> None:
+    import torch
+
+    checkpoint = torch.load(trained["runs"]["omniglot_per_step"].dir / "checkpoint.pt", weights_only=False)
+    init = checkpoint["meta"]["init"]
+    assert init["model.features.1.weight"].shape == (2, 4)  # norm_steps pairs of the 4 filters
+    run = evaluations["lake_per_step"]
+    assert run.returncode == 0, run.explain()
+    assert {"error_percent_step0", "error_percent_step1", "error_percent_step10"} <= set(run.metrics())
 
 
 def test_reports_each_step_with_a_confidence_interval(evaluations) -> None:

@@ -22,11 +22,18 @@ from metaloss.types import Episode
 KINDS = ["sgd", "sgd_learned_lr", "momentum_learned", "adam_learned", "metasgd"]
 
 
-def conv4_problem() -> tuple[BilevelProblem, list[Episode]]:
+def conv4_problem(norm: str = "batch") -> tuple[BilevelProblem, list[Episode]]:
     """3-way 1-shot on 12x12 single-channel images, Conv-4 with 3 filters and BatchNorm affine
-    parameters in phi (the case where a vmap over tasks went wrong, see DESIGN.md)."""
+    parameters in phi (the case where a vmap over tasks went wrong, see DESIGN.md); norm
+    "batch_per_step": MAML++'s per-step pairs, 3 of them for the 2 inner steps and the query."""
     torch.manual_seed(0)
-    model = apply_batchnorm_policy(Conv4(n_classes=3, filters=3, image_size=12).double(), "transductive")
+    model = Conv4(n_classes=3, filters=3, image_size=12, norm=norm, norm_steps=3)
+    model = apply_batchnorm_policy(model.double(), "transductive")
+    if norm == "batch_per_step":
+        with torch.no_grad():  # distinct pairs, so that a wrong step shows
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and name.startswith("features"):
+                    p.add_(0.3 * torch.randn_like(p))
     problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.2, learn=["lr"]),
                              cross_entropy, cross_entropy, 2, metric=accuracy)  # fmt: skip
     g = torch.Generator().manual_seed(2)

@@ -104,6 +104,12 @@ def test_conv4_with_batchnorm_affine_meta_parameters_in_float32_and_float64() ->
     assert_identical(*both(lambda t: Unrolled(threads=t), problem, episodes, threads=3))
 
 
+def test_conv4_with_per_step_batchnorm() -> None:
+    problem, episodes = conv4_problem("batch_per_step")
+    assert resolve_threads(2, problem.model, 2, torch.device("cpu")) == 2  # no running statistics: allowed
+    assert_identical(*both(lambda t: Unrolled(threads=t), problem, episodes + episodes[::-1]))
+
+
 def test_workers_run_one_intra_op_thread_and_leave_the_callers_count() -> None:
     before = torch.get_num_threads()
     workers = pool(2)

@@ -191,6 +191,45 @@ def test_head_only_adaptation_matches_hand_written_unroll() -> None:
     assert_grads_close(out.grads, finite_differences(problem, episodes), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("adapt", [None, ["head"]])
+def test_per_step_batchnorm_matches_hand_written_unroll(adapt) -> None:
+    """MAML++'s per-step BatchNorm (Conv-4 with 4 affine pairs, 2 inner steps): support step t runs
+    with pair t, the query with the last pair, 3; pair 2 is used by neither and gets no gradient.
+    Head-only adaptation must not reuse the body's features across steps."""
+    from metaloss.models import Conv4
+
+    torch.manual_seed(0)
+    model = Conv4(3, in_channels=1, filters=3, image_size=12, norm="batch_per_step", norm_steps=4).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.shape[0] == 4:
+                p.add_(0.3 * torch.randn_like(p))
+    lr = 0.3
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=lr), F.cross_entropy,
+                             F.cross_entropy, 2, adapt=adapt)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    episodes = [Episode(torch.randn(3, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3),
+                        torch.randn(6, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(2))
+                for _ in range(2)]  # fmt: skip
+    out = Unrolled("full").estimate(problem, episodes)
+    w0 = dict(model.named_parameters())
+    total = 0
+    for e in episodes:
+        frozen = {n: p for n, p in w0.items() if adapt is not None and not n.startswith("head")}
+        w = {n: p for n, p in w0.items() if n not in frozen}
+        for t in range(2):
+            loss = F.cross_entropy(functional_call(model, {**frozen, **w}, (e.support_x,), {"step": t}), e.support_y)
+            grads = torch.autograd.grad(loss, list(w.values()), create_graph=True)
+            w = {n: p - lr * gw for (n, p), gw in zip(w.items(), grads)}
+        query = functional_call(model, {**frozen, **w}, (e.query_x,), {"step": 3})
+        total = total + F.cross_entropy(query, e.query_y) / len(episodes)
+    expected = torch.autograd.grad(total, problem.meta_parameters())
+    assert_grads_close(out.grads, list(expected), 1e-10, 1e-13)
+    by_name = dict(zip([n for n, _ in model.named_parameters()], out.grads))
+    pairs = by_name["features.1.weight"]  # [4, 3]
+    assert (pairs[[0, 1, 3]].abs().amax(dim=1) > 0).all() and (pairs[2] == 0).all()
+
+
 def test_bad_settings_are_rejected() -> None:
     with pytest.raises(ConfigError):
         Unrolled("sideways")

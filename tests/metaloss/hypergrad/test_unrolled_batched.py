@@ -116,10 +116,17 @@ class Fixed:
         return self.episodes[i]
 
 
-def test_meta_test_of_a_conv4_with_batchnorm_batched_equals_the_loop() -> None:
-    problem, episodes = conv4_problem()
-    loop = evaluate(problem, Fixed(episodes), 2, steps=(0, 2))
-    batched = evaluate(problem, Fixed(episodes), 2, steps=(0, 2), batch_tasks=2)
+def test_conv4_with_per_step_batchnorm() -> None:
+    problem, episodes = conv4_problem("batch_per_step")
+    for mode, truncation in MODES:
+        assert_same(*both(problem, episodes, mode, truncation))
+
+
+@pytest.mark.parametrize("norm", ["batch", "batch_per_step"])
+def test_meta_test_of_a_conv4_with_batchnorm_batched_equals_the_loop(norm: str) -> None:
+    problem, episodes = conv4_problem(norm)
+    loop = evaluate(problem, Fixed(episodes), 2, steps=(0, 2, 4))
+    batched = evaluate(problem, Fixed(episodes), 2, steps=(0, 2, 4), batch_tasks=2)
     for k in loop:
         assert batched[k] == pytest.approx(loop[k], rel=1e-10, abs=1e-12), k
 
