@@ -39,6 +39,9 @@ run_one() {
     maxpool_lslr_within_32f_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32 seed=1) ;;
     # 32 filters for the time of 64 filters' 600 steps: run with STEPS=1320 VALIDATE=440
     maxpool_lslr_within_32f_1320steps) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32) ;;
+    # the final settings for twice the meta-steps: run with STEPS=1200 VALIDATE=200
+    maxpool_lslr_within_1200steps) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true) ;;
+    maxpool_lslr_within_1200steps_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=1) ;;
     # MAML++'s per-step BatchNorm weights and biases (BNWB): pair 0 for the support step, pair 1 for the query
     maxpool_lslr_within_bnwb) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.norm=batch_per_step model.norm_steps=2) ;;
     maxpool_lslr_within_bnwb_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.norm=batch_per_step model.norm_steps=2 seed=1) ;;
