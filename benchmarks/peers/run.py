@@ -18,8 +18,10 @@ implementation runs one meta-step, the order reversed every round (round-robin, 
 machine hits all alike); the median is reported. Memory: every implementation again in a fresh
 process (this script with `--child`), the growth of the peak resident set (`VmHWM`, reset through
 /proc/self/clear_refs after the setup) over the resident set before its first meta-step, over
-warm-up + 1 meta-steps. Gradients: every implementation's meta-gradient on one meta-batch at the
-initial phi, against metaloss's (max |difference| / max |ours|, float32).
+warm-up + 1 meta-steps (with `--settled N`: after N meta-steps outside the measurement, a long
+run's steady state without the first steps' one-time allocations). Gradients: every
+implementation's meta-gradient on one meta-batch at the initial phi, against metaloss's (max
+|difference| / max |ours|, float32).
 
 Cases: MAML on a Conv-4 (32 filters, max-pool, transductive BatchNorm, 28x28x1), 5-way 1-shot
 15-query, meta-batch 32, inner SGD lr 0.4: 1 and 5 steps second order, 1 step first order; ANIL
@@ -387,18 +389,22 @@ def peak_growth(run: Callable[[], None]) -> dict[str, float]:
 
 def peak_growth_child(case_json: str, impl_name: str, args: argparse.Namespace) -> dict[str, float]:
     """In this (fresh) process: the resident-set peak over warm-up + 1 meta-steps, minus the
-    resident set before them, in MB."""
+    resident set before them, in MB; with `--settled N`, after N meta-steps outside the measurement
+    (a long run's steady state, without the first steps' one-time allocations)."""
     torch.set_num_threads(args.threads)
     case = Case(**json.loads(case_json))
     impl = build(case, impl_name, args.seed)
-    batches = meta_batches(case, args.warmup + 1, args.seed + 1)
-    return peak_growth(lambda: [impl.step(batch) for batch in batches])
+    batches = meta_batches(case, args.settled + args.warmup + 1, args.seed + 1)
+    for batch in batches[: args.settled]:
+        impl.step(batch)
+    return peak_growth(lambda: [impl.step(batch) for batch in batches[args.settled :]])
 
 
 def memory(case: Case, impl_name: str, args: argparse.Namespace) -> dict[str, float]:
     """`peak_growth_child` in a fresh process (a child's getrusage would inherit the parent's peak)."""
     command = [sys.executable, __file__, "--child", json.dumps(case.__dict__), impl_name,
-               "--threads", str(args.threads), "--warmup", str(args.warmup), "--seed", str(args.seed)]  # fmt: skip
+               "--threads", str(args.threads), "--warmup", str(args.warmup), "--seed", str(args.seed),
+               "--settled", str(getattr(args, "settled", 0))]  # fmt: skip
     threshold = getattr(args, "mmap_threshold", 0)
     env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(threshold)} if threshold else {})}
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
@@ -408,6 +414,10 @@ def memory(case: Case, impl_name: str, args: argparse.Namespace) -> dict[str, fl
 def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
     case = CASES[case_name]
     names = [n for n in IMPLEMENTATIONS[case.algorithm] if n not in args.skip]
+    if args.memory_only:
+        rows = {n: {k: round(v, 1) for k, v in memory(case, n, args).items()} for n in names}
+        return {"case": case_name, "setting": case.__dict__, "implementations": rows,
+                "metaloss_task_loop_memory_over_lowest_peer": memory_ratio(rows, "metaloss", names)}  # fmt: skip
     impls = {n: build(case, n, args.seed) for n in names}
 
     probe = meta_batches(case, 1, args.seed)[0]  # gradients at the initial phi, before any step
@@ -446,14 +456,17 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
         "fastest_peer": fastest_peer,
         "metaloss_auto": auto,
         "auto_over_fastest_peer": round(rows[auto]["median_s"] / rows[fastest_peer]["median_s"], 3),
-        "auto_memory_over_lowest_peer": None
-        if args.no_memory
-        else round(
-            rows[auto]["peak_growth_mb"]
-            / min(rows[n]["peak_growth_mb"] for n in names if not n.startswith("metaloss")),
-            3,
-        ),
+        "auto_memory_over_lowest_peer": memory_ratio(rows, auto, names),
     }
+
+
+def memory_ratio(rows: dict[str, dict], name: str, names: Sequence[str]) -> float | None:
+    """`name`'s peak growth over the lowest peer's (None without memory runs, or where the lowest
+    peer's growth rounds to 0 MB, as the sinusoid's can after settled steps)."""
+    if any("peak_growth_mb" not in rows[n] for n in names):
+        return None
+    lowest = min(rows[n]["peak_growth_mb"] for n in names if not n.startswith("metaloss"))
+    return round(rows[name]["peak_growth_mb"] / lowest, 3) if lowest > 0 else None
 
 
 def provenance(argv: Sequence[str] | None = None) -> dict[str, str]:
@@ -498,14 +511,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    parser.add_argument("--memory-only", action="store_true", help="only the fresh-process memory runs")
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="run the memory children with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this many bytes "
                              "(freed large blocks go back to the system at once; 0: glibc's default)")  # fmt: skip
+    parser.add_argument("--settled", type=int, default=0,
+                        help="meta-steps each memory child runs before its peak is reset (0: the first steps count)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
     parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPLEMENTATION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("need --repeats >= 1, --warmup >= 0, --threads >= 1")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.settled < 0:
+        parser.error("need --repeats >= 1, --warmup >= 0, --threads >= 1, --settled >= 0")
+    if args.memory_only and args.no_memory:
+        parser.error("--memory-only and --no-memory exclude each other")
     if args.child:
         print(json.dumps(peak_growth_child(*args.child, args)))
         return
@@ -519,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         **provenance(argv),
         "versions": versions(),
         "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "mmap_threshold": args.mmap_threshold,
+        "settled": args.settled,
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "cases": rows,
