@@ -112,8 +112,12 @@ class Conv4(nn.Module):
                 blocks += [nn.Conv2d(channels, filters, 3, stride=2, padding=1)]
             else:
                 blocks += [nn.Conv2d(channels, filters, 3, padding=1)]
-            blocks += [{"batch": lambda: nn.BatchNorm2d(filters), "group": lambda: nn.GroupNorm(8, filters),
-                        "batch_per_step": lambda: PerStepBatchNorm2d(filters, norm_steps)}[norm]()]
+            if norm == "batch":
+                blocks += [nn.BatchNorm2d(filters)]
+            elif norm == "group":
+                blocks += [nn.GroupNorm(8, filters)]
+            else:
+                blocks += [PerStepBatchNorm2d(filters, norm_steps)]
             # relu(maxpool(x)) = maxpool(relu(x)) (both monotone): the ReLU on a quarter of the values
             blocks += [nn.MaxPool2d(2), nn.ReLU()] if pool == "max" else [nn.ReLU()]
             channels = filters
