@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # tests/tasks must never shadow the `tasks` package when tests/ itself lands on sys.path
@@ -20,6 +21,18 @@ if str(REPO_ROOT) not in sys.path:
 # scripts/common.py and scripts/settings.py import as `common` and `settings`, as the scripts import them
 if str(REPO_ROOT / "scripts") not in sys.path:
     sys.path.append(str(REPO_ROOT / "scripts"))
+
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tests that train run with one intra-op thread (oversubscribed, a few seconds become minutes);
+    the count is restored afterwards. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 MINI_FILES = {
     "train": "mini-imagenet-cache-train.pkl",

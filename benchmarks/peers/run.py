@@ -7,7 +7,9 @@ and the largest difference of each peer's meta-gradient from ours.
 Implementations (each builds the same model from the same seed and sees the same meta-batches):
 metaloss task by task (`Unrolled`, `engine.meta_step`), metaloss batched (`Unrolled(batched=True)`,
 one `torch.func.vmap` over the tasks), metaloss threads (`Unrolled(threads=N)`, the tasks side by
-side on the run's N intra-op threads, one each; `Implicit(threads=N)` for iMAML), higher 0.2.1
+side on the run's N intra-op threads, one each; `Implicit(threads=N)` for iMAML), metaloss compiled
+and threads compiled (the same with `Unrolled(compile=True)`: each task one `torch.compile`d
+function; MAML, ANIL, Meta-SGD), higher 0.2.1
 (`innerloop_ctx`), learn2learn 0.2.0 (`algorithms.MAML` / `MetaSGD`), TorchOpt 0.7.3 (`MetaSGD`
 with `extract_state_dict` / `recover_state_dict`, its MAML example; first order through its
 functional `sgd`), and a plain loop of `torch.func.functional_call` with `torch.autograd.grad` (the
@@ -21,7 +23,10 @@ process (this script with `--child`), the growth of the peak resident set (`VmHW
 warm-up + 1 meta-steps (with `--settled N`: after N meta-steps outside the measurement, a long
 run's steady state without the first steps' one-time allocations). Gradients: every
 implementation's meta-gradient on one meta-batch at the initial phi, against metaloss's (max
-|difference| / max |ours|, float32).
+|difference| / max |ours|, float32), its error against our loop's meta-gradient computed in float64
+(`grad_max_rel_error_vs_float64`: which float32 rounding is closer to exact), and the seconds of that
+first call (`first_call_s`: a compiled
+implementation compiles in it).
 
 Cases: MAML on a Conv-4 (32 filters, max-pool, transductive BatchNorm, 28x28x1), 5-way 1-shot
 15-query, meta-batch 32, inner SGD lr 0.4: 1 and 5 steps second order, 1 step first order; ANIL
@@ -92,10 +97,13 @@ CASES = {
     "imaml_10step": Case("conv4", algorithm="imaml", steps=10, meta_batch=8, inner_lr=0.1),
 }
 # which implementations a case runs (a peer without the algorithm is left out, not approximated)
+COMPILED = ("metaloss_compiled", "metaloss_threads_compiled")  # Unrolled(compile=True): opt-in, minutes to compile
 IMPLEMENTATIONS = {
-    "maml": ("metaloss", "metaloss_batched", "metaloss_threads", "higher", "learn2learn", "torchopt", "loop"),
-    "anil": ("metaloss", "metaloss_batched", "metaloss_threads", "higher", "learn2learn", "torchopt", "loop"),
-    "metasgd": ("metaloss", "metaloss_batched", "metaloss_threads", "higher", "learn2learn", "loop"),
+    "maml": ("metaloss", "metaloss_batched", "metaloss_threads", *COMPILED, "higher", "learn2learn", "torchopt",
+             "loop"),
+    "anil": ("metaloss", "metaloss_batched", "metaloss_threads", *COMPILED, "higher", "learn2learn", "torchopt",
+             "loop"),
+    "metasgd": ("metaloss", "metaloss_batched", "metaloss_threads", *COMPILED, "higher", "learn2learn", "loop"),
     "imaml": ("metaloss", "metaloss_threads", "torchopt"),
 }
 OUTER_LR = 1e-3
@@ -172,6 +180,7 @@ class Implementation:
 class Metaloss(Implementation):
     batched = False
     threads: int | str = 1
+    compile = False
 
     def setup(self) -> None:
         case = self.case
@@ -186,7 +195,7 @@ class Metaloss(Implementation):
                                       inner_regularizer=Proximal(PROXIMAL) if imaml else None)  # fmt: skip
         mode = "first_order" if case.first_order else "full"
         self.estimator = Implicit("cg", iterations=CG_ITERATIONS, tol=0.0, threads=self.threads) if imaml else \
-            Unrolled(mode, batched=self.batched, threads=self.threads)  # fmt: skip
+            Unrolled(mode, batched=self.batched, threads=self.threads, compile=self.compile)  # fmt: skip
         self.outer = torch.optim.Adam(self.problem.meta_parameters(), lr=OUTER_LR)
 
     def step(self, episodes: Sequence[Episode]) -> None:
@@ -209,6 +218,18 @@ class MetalossThreads(Metaloss):
     def setup(self) -> None:
         self.threads = torch.get_num_threads()
         super().setup()
+
+
+class MetalossCompiled(Metaloss):
+    """The task loop with each task's meta-gradient one compiled function (`Unrolled(compile=True)`)."""
+
+    compile = True
+
+
+class MetalossThreadsCompiled(MetalossThreads):
+    """Compiled tasks side by side, one per intra-op thread of the run."""
+
+    compile = True
 
 
 class Loop(Implementation):
@@ -354,7 +375,8 @@ class TorchOpt(Implementation):
 
 
 CLASSES: dict[str, type[Implementation]] = {
-    "metaloss": Metaloss, "metaloss_batched": MetalossBatched, "metaloss_threads": MetalossThreads, "higher": Higher,
+    "metaloss": Metaloss, "metaloss_batched": MetalossBatched, "metaloss_threads": MetalossThreads,
+    "metaloss_compiled": MetalossCompiled, "metaloss_threads_compiled": MetalossThreadsCompiled, "higher": Higher,
     "learn2learn": Learn2Learn,
     "torchopt": TorchOpt, "loop": Loop,
 }  # fmt: skip
@@ -423,7 +445,14 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
     probe = meta_batches(case, 1, args.seed)[0]  # gradients at the initial phi, before any step
     reference = impls["metaloss"].gradient(probe)
     scale = reference.abs().max().item()
-    difference = {n: (impl.gradient(probe) - reference).abs().max().item() / scale for n, impl in impls.items()}
+    exact = float64_gradient(case, args.seed, probe)
+    difference, error, first_call = {}, {}, {}
+    for n, impl in impls.items():  # the first call of a compiled implementation compiles
+        started = time.perf_counter()
+        gradient = impl.gradient(probe)
+        first_call[n] = time.perf_counter() - started
+        difference[n] = (gradient - reference).abs().max().item() / scale
+        error[n] = (gradient.double() - exact).abs().max().item() / exact.abs().max().item()
 
     batches = meta_batches(case, args.warmup + args.repeats, args.seed + 1)
     seconds: dict[str, list[float]] = {n: [] for n in names}
@@ -436,7 +465,8 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
     rows = {}
     for n in names:
         rows[n] = {"median_s": round(statistics.median(seconds[n]), 4), "min_s": round(min(seconds[n]), 4),
-                   "grad_max_rel_difference": difference[n]}  # fmt: skip
+                   "grad_max_rel_difference": difference[n], "grad_max_rel_error_vs_float64": error[n],
+                   "first_call_s": round(first_call[n], 2)}  # fmt: skip
         if not args.no_memory:
             rows[n].update({k: round(v, 1) for k, v in memory(case, n, args).items()})
         print(f"{case_name} {n}: {rows[n]}", file=sys.stderr)
@@ -457,7 +487,24 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
         "metaloss_auto": auto,
         "auto_over_fastest_peer": round(rows[auto]["median_s"] / rows[fastest_peer]["median_s"], 3),
         "auto_memory_over_lowest_peer": memory_ratio(rows, auto, names),
-    }
+        **({"threads_compiled_over_fastest_peer":
+            round(rows["metaloss_threads_compiled"]["median_s"] / rows[fastest_peer]["median_s"], 3),
+            "compiled_memory_over_lowest_peer": memory_ratio(rows, "metaloss_compiled", names)}
+           if "metaloss_threads_compiled" in names and "metaloss_compiled" in names else {}),
+    }  # fmt: skip
+
+
+def float64_gradient(case: Case, seed: int, episodes: Sequence[Episode]) -> Tensor:
+    """metaloss's task loop's meta-gradient on `episodes` computed in float64 (model, meta-parameters
+    and data converted): the reference that float32 rounding is measured against."""
+    impl = build(case, "metaloss", seed)
+    for module in (impl.problem.model, *impl.problem.meta_modules().values()):
+        module.double()  # in place: the same Parameter objects, so phi() still lists them
+    def double(t: Tensor) -> Tensor:  # class labels stay integers
+        return t.double() if t.is_floating_point() else t
+
+    return impl.gradient([Episode(*(double(t) for t in (e.support_x, e.support_y, e.query_x, e.query_y)))
+                          for e in episodes])  # fmt: skip
 
 
 def memory_ratio(rows: dict[str, dict], name: str, names: Sequence[str]) -> float | None:

@@ -51,12 +51,14 @@ TaskEstimate = Callable[[BilevelProblem, Episode, list[Tensor], float], tuple[Se
 
 
 def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: TaskEstimate,
-                    threads: int | str = 1) -> HypergradOut:  # fmt: skip
+                    threads: int | str = 1, local_models: bool = True) -> HypergradOut:  # fmt: skip
     """Sum `task(problem, episode, phi, 1 / B)` (its scaled gradient and metrics) over a meta-batch
     of B episodes, task by task, so one task's graph is freed before the next is built. A gradient
     stays None where no task reached that meta-parameter (an optimizer then leaves it alone).
     threads: tasks run side by side on this many CPU threads (`metaloss.hypergrad.threads`; "auto":
-    one per intra-op thread where the model allows it), summed in the same task order."""
+    one per intra-op thread where the model allows it), summed in the same task order; each thread runs
+    the model through its own copy of the module tree unless `local_models` is false (a task that
+    never runs the modules, such as a compiled one, `metaloss.hypergrad.compiled`)."""
     if not episodes:
         raise ConfigError("a meta-batch needs at least one episode")
     phi = problem.meta_parameters()
@@ -65,7 +67,8 @@ def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: 
     if workers > 1:
 
         def one(i: int):  # this thread's copy of the model's module tree, the same tensors
-            return task(dataclasses.replace(problem, model=local_copy(problem.model)), episodes[i], phi, scale)
+            local = dataclasses.replace(problem, model=local_copy(problem.model)) if local_models else problem
+            return task(local, episodes[i], phi, scale)
 
         results = map_in_threads(one, len(episodes), workers)
     else:

@@ -16,6 +16,9 @@ threads=N runs the loop's tasks side by side on N CPU threads instead (`metaloss
 the loop's hypergradient bit for bit at one intra-op thread.
 batched="auto" decides per meta-batch by the measured rule of `batching_pays`, and falls back to the
 loop for good (with a warning) where vmap refuses an operation of the problem.
+compile=True computes each task that is not batched (in the loop or the threads) by one
+`torch.compile`d pure function (`metaloss.hypergrad.compiled`): the same hypergradient, faster per
+task once compiled, at a compile time paid once per episode shape.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from metaloss.hypergrad.base import (
     saved_bytes_per_task,
     vmap_refusal,
 )
-from metaloss.hypergrad.threads import check_threads
+from metaloss.hypergrad.compiled import CompiledTask
+from metaloss.hypergrad.threads import check_threads, first_device, resolve_threads
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
 
@@ -49,11 +53,14 @@ class Unrolled(HypergradEstimator):
     `batching_pays`. graph_budget_mb: instead of a fixed chunk, as many tasks at once as their saved
     graphs fit in this many MB (`saved_bytes_per_task`, measured on the first meta-batch of each
     episode shape). threads: tasks that are not batched run side by side on this many CPU threads
-    (`metaloss.hypergrad.threads`; "auto": one per intra-op thread where the model allows it)."""
+    (`metaloss.hypergrad.threads`; "auto": one per intra-op thread where the model allows it).
+    compile: tasks that are not batched run as one compiled function each (`CompiledTask`; backend
+    "inductor", or "aot_eager" to trace without code generation)."""
 
     def __init__(self, mode: str = "full", truncation: int | None = None, batched: bool | str = False,
                  chunk: int | None = None, threads: int | str = 1,
-                 graph_budget_mb: float | None = None) -> None:  # fmt: skip
+                 graph_budget_mb: float | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:  # fmt: skip
         if mode not in MODES:
             raise ConfigError(f"unknown unrolled mode {mode!r}; expected one of {MODES}")
         if mode == "truncated" and (truncation is None or truncation < 1):
@@ -71,6 +78,7 @@ class Unrolled(HypergradEstimator):
         self.graph_budget_mb = graph_budget_mb
         self.saved_bytes: dict[tuple, int] = {}  # per episode shape, for graph_budget_mb
         self.vmap_refused = False  # batched="auto" met an op that vmap cannot batch
+        self.compiled = CompiledTask(self._task_loss, self._task, compile_backend) if compile else None
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
         if self.batches(problem, episodes):
@@ -82,6 +90,11 @@ class Unrolled(HypergradEstimator):
                 self.vmap_refused = True  # the loop from now on: the same hypergradient
                 warnings.warn(f"hypergrad.batched=auto: the tasks run one by one, vmap refused the problem: "
                               f"{str(err).splitlines()[0][:200]}", stacklevel=2)  # fmt: skip
+        if self.compiled is not None:  # compiled for the workers' one intra-op thread, or the caller's count
+            device = first_device(problem.meta_parameters())
+            workers = resolve_threads(self.threads, problem.model, len(episodes), device)
+            self.compiled.prepare(problem, episodes, 1 if workers > 1 else torch.get_num_threads())
+            return mean_over_tasks(problem, episodes, self.compiled, workers, local_models=False)
         return mean_over_tasks(problem, episodes, self._task, self.threads)
 
     def chunk_for(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> int | None:

@@ -39,6 +39,8 @@ def runs(tmp_path_factory, make_miniimagenet) -> dict[str, Run]:
     for name, batched in (("maml_float64", 1), ("maml_float64_batched", 3)):  # tasks as vmap batches
         plans[name] = TINY + ["algorithm=maml", "dtype=float64", f"hypergrad.batched={batched > 1}",
                               f"test.batch_tasks={batched}"] + lean  # fmt: skip
+    plans["maml_float64_compiled"] = TINY + ["algorithm=maml", "dtype=float64", "hypergrad.batched=false",
+                                             "hypergrad.compile=true", "hypergrad.compile_backend=aot_eager"] + lean
     plans["miniimagenet"] = TINY + [
         "task=miniimagenet",
         f"task.root={mini}",
@@ -126,8 +128,9 @@ def test_same_seed_gives_identical_metrics(runs):
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
 
 
-def test_tasks_batched_in_one_vmap_train_and_test_the_same(runs):
-    a, b = runs["maml_float64"], runs["maml_float64_batched"]
+@pytest.mark.parametrize("other", ["maml_float64_batched", "maml_float64_compiled"])
+def test_tasks_batched_in_one_vmap_or_compiled_train_and_test_the_same(runs, other):
+    a, b = runs["maml_float64"], runs[other]
     assert a.returncode == b.returncode == 0, a.explain() + b.explain()
     ca = torch.load(a.dir / "checkpoint.pt", map_location="cpu", weights_only=True)["meta"]["init"]
     cb = torch.load(b.dir / "checkpoint.pt", map_location="cpu", weights_only=True)["meta"]["init"]

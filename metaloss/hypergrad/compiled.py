@@ -1,0 +1,128 @@
+"""One task's meta-gradient as one compiled function (`torch.compile`), for the task loop and threads.
+
+    g(phi; episode) = d L_outer(A(phi; support), phi; query) / d phi
+
+is written as a pure function of (phi, support x, y, query x, y) with `torch.func.grad` of the
+functional inner loop (`run_inner_loop(functional=True)`, the very function that `vmap` batches), so
+no autograd graph is built at run time and a second-order meta-gradient needs no double backward
+through a compiled autograd graph (which `torch.compile` does not support). `torch.compile` traces
+it once per episode shape (`dynamic=False`; `fullgraph=True`, so a problem it cannot trace whole is a
+clear error, not a slow partial graph) and Inductor generates fused kernels for forward, inner
+gradient, inner update and outer gradient together.
+
+Exact: the same hypergradient as the autograd task (float64 agreement to rounding,
+tests/metaloss/hypergrad/test_compiled.py); in float32 the fused kernels round differently (about
+1e-4 of the largest entry on the peers' Conv-4). A meta-parameter that the autograd task does not
+reach (None) is found once per problem by one autograd task and stays None, so an outer optimizer
+treats it as the loop does. Measured on a 2-core CPU (benchmarks/peers): compiling takes 30 s to
+several minutes per episode shape, paid on the first meta-batch of that shape, so it pays on long
+runs of fixed-shape episodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaloss.errors import ConfigError
+from metaloss.hypergrad.base import TaskEstimate, TaskLoss
+from metaloss.problem import BilevelProblem
+from metaloss.types import Episode
+
+BACKENDS = ("inductor", "aot_eager")  # aot_eager: the same tracing without code generation (fast; for tests)
+
+
+def check_compilable(problem: BilevelProblem) -> None:
+    """What a compiled task needs: a problem that reads only the episode's tensors (as `vmap` does),
+    no dropout (a compiled graph draws other masks than the eager loop) and no BatchNorm that updates
+    running statistics (a side effect of the task), and no data-parallel inner loop."""
+    if getattr(problem.init, "needs_episode", False) or problem.meta_objective == "target_params":
+        raise ConfigError("a compiled task reads only the episode's tensors: an initialisation drawn per episode "
+                          "and meta_objective=target_params run uncompiled (compile=false)")  # fmt: skip
+    if problem.data_parallel is not None and problem.data_parallel.enabled:
+        raise ConfigError("a data-parallel inner loop is not compiled per task (compile=false)")
+    for name, m in problem.model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ConfigError(f"compile=true: dropout ({name}) would draw other masks than the uncompiled loop")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            raise ConfigError(f"compile=true: BatchNorm ({name}) updates running statistics, a side effect the "
+                              f"compiled task does not have; use the transductive policy or compile=false")  # fmt: skip
+
+
+class CompiledTask:
+    """A `TaskEstimate` (for `mean_over_tasks`) whose scaled gradient comes from
+    `torch.compile(grad_and_value(task_loss))`. `prepare(problem, episodes)` runs on the calling
+    thread before the tasks (it compiles for a new episode shape and finds the unreached
+    meta-parameters); the task calls then only run the compiled function, from any thread, and never
+    touch the model's modules (no per-thread copies needed). `autograd_task`: the uncompiled task,
+    used once per problem for reachability."""
+
+    def __init__(self, task_loss: TaskLoss, autograd_task: TaskEstimate, backend: str = "inductor") -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown compile backend {backend!r}; expected one of {BACKENDS}")
+        self.task_loss, self.autograd_task, self.backend = task_loss, autograd_task, backend
+        self.problem: BilevelProblem | None = None
+        self.fn: Callable[..., Any] | None = None
+        self.reached: list[bool] = []
+        self.shapes: set[tuple] = set()
+
+    def prepare(self, problem: BilevelProblem, episodes: Sequence[Episode], intra_op_threads: int) -> None:
+        """Build the compiled function for `problem` (once) and compile it for every new episode shape
+        among `episodes` (on this thread, one at a time) for tasks that run with `intra_op_threads`
+        (1 in worker threads): dynamo guards on the thread count, so a graph compiled under another
+        count would be compiled again by the first task that calls it."""
+        if self.problem is not problem:
+            check_compilable(problem)
+            from torch.func import grad_and_value
+
+            def one_task(phi_values: list[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+                return self.task_loss(problem.with_meta_parameters(phi_values), Episode(sx, sy, qx, qy))
+
+            task_gradient = grad_and_value(one_task, has_aux=True)
+
+            def entry(*args: Tensor | list[Tensor]):
+                return task_gradient(*args)
+
+            # dynamo caches compiled graphs per code object, at most `recompile_limit` of them: a code
+            # object of its own per problem keeps one problem's graphs from crowding out another's
+            entry.__code__ = entry.__code__.replace()
+            self.fn = torch.compile(entry, backend=self.backend, fullgraph=True, dynamic=False)
+            phi = problem.meta_parameters()
+            grads, _ = self.autograd_task(problem, episodes[0], phi, 1.0)
+            self.problem, self.reached, self.shapes = problem, [g is not None for g in grads], set()
+        for episode in episodes:
+            shape = episode_shape(episode)
+            if shape not in self.shapes:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(intra_op_threads)
+                try:
+                    self.run(episode)
+                except Exception as err:  # dynamo's Unsupported, Inductor's errors: one clear message
+                    raise ConfigError(f"compile=true: torch.compile cannot compile this task whole "
+                                      f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                                      f"use compile=false") from err  # fmt: skip
+                finally:
+                    torch.set_num_threads(threads)
+                self.shapes.add(shape)
+
+    def run(self, episode: Episode) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """The unscaled meta-gradient of one episode (zeros where phi is not reached) and its metrics."""
+        assert self.problem is not None and self.fn is not None, "prepare() first"
+        phi = [p.detach() for p in self.problem.meta_parameters()]
+        grads, (_, metrics) = self.fn(phi, episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+        return list(grads), metrics
+
+    def __call__(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
+        """scale * d L_outer / d phi for one episode (None where phi is not reached), and its metrics.
+        `problem` and `phi` must be those given to `prepare` (they are not re-read)."""
+        grads, metrics = self.run(episode)
+        return [g * scale if reached else None for g, reached in zip(grads, self.reached)], metrics
+
+
+def episode_shape(episode: Episode) -> tuple:
+    """What a compiled task is specialised to: the shapes and dtypes of the episode's tensors."""
+    tensors = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)

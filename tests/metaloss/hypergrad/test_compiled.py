@@ -1,0 +1,113 @@
+"""Compiled tasks: `Unrolled(compile=True)` computes each task's meta-gradient with one
+`torch.compile`d `torch.func` function. It must give the hypergradient of the autograd task loop
+(itself checked against finite differences and a hand-written unroll in test_unrolled.py) in
+float64: every inner optimizer and mode, head-only adaptation, a learned loss, minibatched steps,
+a Conv-4 with BatchNorm affine meta-parameters, per-step BatchNorm, in the loop and in threads.
+Most cases trace with the "aot_eager" backend (dynamo and AOTAutograd, the compiled graph run
+without code generation: seconds); one runs Inductor's generated C++ kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_es_batched import conv4_problem
+from test_unrolled import make_episodes, make_problem
+from test_unrolled_batched import KINDS, MODES, assert_same
+
+from metaloss.errors import ConfigError
+from metaloss.hypergrad import Unrolled
+from metaloss.meta import ML3RegressionLoss
+from metaloss.models import PerStepBatchNorm2d
+from metaloss.types import Episode
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def both(problem, episodes, mode="full", truncation=None, threads=1, backend="aot_eager"):
+    loop = Unrolled(mode, truncation).estimate(problem, episodes)
+    compiled = Unrolled(mode, truncation, compile=True, compile_backend=backend, threads=threads)
+    return compiled.estimate(problem, episodes), loop
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_tasks_give_the_loops_hypergradient(kind: str) -> None:
+    assert_same(*both(make_problem(kind), make_episodes(3)))
+
+
+@pytest.mark.parametrize("mode,truncation", MODES[1:])
+def test_first_order_and_truncated_modes(mode: str, truncation: int) -> None:
+    assert_same(*both(make_problem("momentum_learned"), make_episodes(3), mode, truncation))
+
+
+def test_inductor_kernels_give_the_loops_hypergradient() -> None:
+    problem, episodes = make_problem("lslr"), make_episodes(3)
+    assert_same(*both(problem, episodes, backend="inductor"))
+
+
+def test_truncation_leaves_the_initialisation_unreached_as_the_loop_does() -> None:
+    compiled, loop = both(make_problem("sgd_learned_lr"), make_episodes(2), "truncated", 1)
+    assert any(g is None for g in loop.grads)  # w0 is cut off by the truncation
+    assert_same(compiled, loop)
+
+
+def test_head_only_adaptation_and_a_learned_loss() -> None:
+    problem = make_problem("momentum_learned", adapt=("head",))
+    assert_same(*both(problem, make_episodes(3)))
+    torch.manual_seed(3)
+    learned = dataclasses.replace(make_problem("sgd"), inner_loss=ML3RegressionLoss(2, 1, hidden=(6,)).double())
+    assert_same(*both(learned, make_episodes(3)))
+
+
+@pytest.mark.parametrize("norm", ["batch", "batch_per_step"])
+def test_conv4_with_batchnorm_affine_meta_parameters_in_the_loop_and_in_threads(norm: str) -> None:
+    problem, episodes = conv4_problem(norm)
+    assert any(isinstance(m, (torch.nn.BatchNorm2d, PerStepBatchNorm2d)) for m in problem.model.modules())
+    for mode in ("full", "first_order"):
+        loop = Unrolled(mode).estimate(problem, episodes)
+        estimator = Unrolled(mode, compile=True, compile_backend="aot_eager")
+        assert_same(estimator.estimate(problem, episodes), loop)
+        estimator.threads = 2  # the same compiled function, called from two worker threads at once
+        assert_same(estimator.estimate(problem, episodes), loop)
+
+
+def test_each_episode_shape_compiles_once_and_many_problems_share_a_process() -> None:
+    problem, episodes = make_problem("sgd"), make_episodes(4)
+    e = episodes[1]
+    episodes[1] = episodes[3] = Episode(e.support_x[:4], e.support_y[:4], e.query_x, e.query_y)
+    estimator = Unrolled(compile=True, compile_backend="aot_eager")
+    assert_same(estimator.estimate(problem, episodes), Unrolled().estimate(problem, episodes))
+    assert len(estimator.compiled.shapes) == 2
+    for _ in range(8):  # more problems than dynamo's recompile limit (8) for one code object
+        assert_same(*both(make_problem("sgd"), make_episodes(2)))
+
+
+def test_what_a_compiled_task_cannot_do_is_refused() -> None:
+    problem, episodes = make_problem("sgd"), make_episodes(2)
+    dropout = dataclasses.replace(problem, model=torch.nn.Sequential(problem.model, torch.nn.Dropout(0.5)))
+    with pytest.raises(ConfigError, match="dropout"):
+        Unrolled(compile=True, compile_backend="aot_eager").estimate(dropout, episodes)
+    features = episodes[0].support_x.shape[1]
+    running = dataclasses.replace(problem, model=torch.nn.Sequential(torch.nn.BatchNorm1d(features).double(),
+                                                                      problem.model))  # fmt: skip
+    with pytest.raises(ConfigError, match="running statistics"):
+        Unrolled(compile=True, compile_backend="aot_eager").estimate(running, episodes)
+    minibatched = make_problem("adam_learned")  # its minibatch order is drawn by numpy: not traceable
+    minibatched.inner_batch_size, minibatched.shuffle_seed = 4, 7
+    with pytest.raises(ConfigError, match="cannot compile this task whole"):
+        Unrolled(compile=True, compile_backend="aot_eager").estimate(minibatched, episodes)
+    with pytest.raises(ConfigError, match="compile backend"):
+        Unrolled(compile=True, compile_backend="tvm")
+
+
+def test_tasks_in_threads_run_the_graph_compiled_for_one_intra_op_thread() -> None:
+    torch.set_num_threads(2)  # the workers run with one each: compiled under 2, dynamo would compile again
+    problem, episodes = make_problem("sgd"), make_episodes(4)
+    loop = Unrolled().estimate(problem, episodes)
+    estimator = Unrolled(compile=True, compile_backend="aot_eager", threads=2)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for _ in range(2):
+        assert_same(estimator.estimate(problem, episodes), loop)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    assert torch.get_num_threads() == 2
