@@ -46,6 +46,12 @@ run_one() {
     maxpool_lslr_within_bnwb) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.norm=batch_per_step model.norm_steps=2) ;;
     maxpool_lslr_within_bnwb_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.norm=batch_per_step model.norm_steps=2 seed=1) ;;
     maxpool_lslr_within_32f_1320steps_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true model.filters=32 seed=1) ;;
+    # meta-batch and query count on the final settings (MAML++ uses meta-batch 16 for 20-way Omniglot)
+    maxpool_lslr_within_mb16) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true train.meta_batch=16) ;;
+    maxpool_lslr_within_q15) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true task.q_query=15) ;;
+    # the other algorithms on the final settings: first-order MAML, ANIL (the head adapts, the body is reused)
+    maxpool_lslr_within_fomaml) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true algorithm=fomaml) ;;
+    maxpool_lslr_within_anil) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true algorithm=anil) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"
