@@ -17,7 +17,7 @@ from test_unrolled import make_episodes, make_problem
 from test_unrolled_batched import KINDS, MODES, assert_same
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad import Unrolled
+from metaloss.hypergrad import Unrolled, unrolled
 from metaloss.meta import ML3RegressionLoss
 from metaloss.models import PerStepBatchNorm2d
 from metaloss.types import Episode
@@ -111,3 +111,13 @@ def test_tasks_in_threads_run_the_graph_compiled_for_one_intra_op_thread() -> No
         assert_same(estimator.estimate(problem, episodes), loop)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     assert torch.get_num_threads() == 2
+
+
+def test_threads_auto_runs_compiled_tasks_in_the_loop(monkeypatch) -> None:
+    torch.set_num_threads(2)  # auto would start two workers for a convnet's uncompiled tasks
+    problem, episodes = conv4_problem("batch")
+    calls = []
+    monkeypatch.setattr(unrolled, "mean_over_tasks", lambda *args, **kwargs: calls.append(args[3]))
+    Unrolled(compile=True, compile_backend="aot_eager", threads="auto").estimate(problem, episodes)
+    Unrolled(compile=True, compile_backend="aot_eager", threads=2).estimate(problem, episodes)
+    assert calls == [1, 2]
