@@ -11,12 +11,13 @@ clear error, not a slow partial graph) and Inductor generates fused kernels for 
 gradient, inner update and outer gradient together.
 
 Exact: the same hypergradient as the autograd task (float64 agreement to rounding,
-tests/metaloss/hypergrad/test_compiled.py); in float32 the fused kernels round differently (about
-1e-4 of the largest entry on the peers' Conv-4). A meta-parameter that the autograd task does not
-reach (None) is found once per problem by one autograd task and stays None, so an outer optimizer
-treats it as the loop does. Measured on a 2-core CPU (benchmarks/peers): compiling takes 30 s to
-several minutes per episode shape, paid on the first meta-batch of that shape, so it pays on long
-runs of fixed-shape episodes.
+tests/metaloss/hypergrad/test_compiled.py); in float32 the fused kernels round differently, and on
+the peers' Conv-4 closer to the float64 answer than the eager kernels (benchmarks/README.md). A
+meta-parameter that the autograd task does not reach (None) is found once per problem by one
+autograd task and stays None, so an outer optimizer treats it as the loop does. Measured on a 2-core
+CPU (benchmarks/peers): compiling takes 20 s to 4 minutes per episode shape, paid on the first
+meta-batch of that shape, so it pays on long runs of fixed-shape episodes; more shapes per problem
+than dynamo's `recompile_limit` (8) are refused.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ class CompiledTask:
         for episode in episodes:
             shape = episode_shape(episode)
             if shape not in self.shapes:
+                limit = torch._dynamo.config.recompile_limit
+                if len(self.shapes) >= limit:
+                    raise ConfigError(f"compile=true compiles once per episode shape, at most {limit} shapes "
+                                      f"(torch._dynamo.config.recompile_limit); this run has more: use episodes "
+                                      f"of fixed shape or compile=false")  # fmt: skip
                 threads = torch.get_num_threads()
                 torch.set_num_threads(intra_op_threads)
                 try:

@@ -81,6 +81,9 @@ def test_each_episode_shape_compiles_once_and_many_problems_share_a_process() ->
     assert len(estimator.compiled.shapes) == 2
     for _ in range(8):  # more problems than dynamo's recompile limit (8) for one code object
         assert_same(*both(make_problem("sgd"), make_episodes(2)))
+    estimator.compiled.shapes |= {("shape", i) for i in range(torch._dynamo.config.recompile_limit)}
+    with pytest.raises(ConfigError, match="at most 8 shapes"):  # a ninth shape
+        estimator.estimate(problem, [Episode(e.support_x[:3], e.support_y[:3], e.query_x, e.query_y)])
 
 
 def test_what_a_compiled_task_cannot_do_is_refused() -> None:
