@@ -1,8 +1,9 @@
 """Compiled tasks: `Unrolled(compile=True)` computes each task's meta-gradient with one
 `torch.compile`d `torch.func` function. It must give the hypergradient of the autograd task loop
 (itself checked against finite differences and a hand-written unroll in test_unrolled.py) in
-float64: every inner optimizer and mode, head-only adaptation, a learned loss, minibatched steps,
-a Conv-4 with BatchNorm affine meta-parameters, per-step BatchNorm, in the loop and in threads.
+float64: every inner optimizer and mode, head-only adaptation, a learned loss, a Conv-4 with
+BatchNorm affine meta-parameters, per-step BatchNorm, in the loop and in threads; what it cannot
+compile (minibatched steps among them) is refused with one clear error.
 Most cases trace with the "aot_eager" backend (dynamo and AOTAutograd, the compiled graph run
 without code generation: seconds); one runs Inductor's generated C++ kernels."""
 
