@@ -500,6 +500,7 @@ def float64_gradient(case: Case, seed: int, episodes: Sequence[Episode]) -> Tens
     impl = build(case, "metaloss", seed)
     for module in (impl.problem.model, *impl.problem.meta_modules().values()):
         module.double()  # in place: the same Parameter objects, so phi() still lists them
+
     def double(t: Tensor) -> Tensor:  # class labels stay integers
         return t.double() if t.is_floating_point() else t
 

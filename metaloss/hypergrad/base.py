@@ -96,11 +96,19 @@ def check_batchable(problem: BilevelProblem, episodes: Sequence[Episode]) -> Non
     shapes = {tuple(tuple(t.shape) for t in (e.support_x, e.support_y, e.query_x, e.query_y)) for e in episodes}
     if len(shapes) > 1:
         raise ConfigError(f"tasks batched in one vmap need episodes of one shape, got {len(shapes)} different ones")
+    check_pure_task(problem, "tasks batched in one vmap", "batched=false")
+
+
+def check_pure_task(problem: BilevelProblem, path: str, remedy: str) -> None:
+    """What a task written as a pure function of the episode's tensors needs (`path`: the vmap batch,
+    compiled tasks): an initialisation not drawn per episode, the query-loss meta-objective or the
+    inner losses (not target_params, which reads `episode.meta`), no data-parallel inner loop.
+    `remedy`: the setting that runs the problem another way."""
     if getattr(problem.init, "needs_episode", False) or problem.meta_objective == "target_params":
-        raise ConfigError("tasks batched in one vmap read only the episodes' tensors: an initialisation drawn per "
-                          "episode and meta_objective=target_params run task by task (batched=false)")  # fmt: skip
+        raise ConfigError(f"{path} read only the episodes' tensors: an initialisation drawn per episode and "
+                          f"meta_objective=target_params run task by task ({remedy})")  # fmt: skip
     if problem.data_parallel is not None and problem.data_parallel.enabled:
-        raise ConfigError("a data-parallel inner loop is not batched over tasks")
+        raise ConfigError(f"a data-parallel inner loop is not run as {path} ({remedy})")
 
 
 def batching_pays(problem: BilevelProblem, episodes: Sequence[Episode]) -> bool:

@@ -26,10 +26,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch.func import grad_and_value
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import TaskEstimate, TaskLoss
+from metaloss.hypergrad.base import TaskEstimate, TaskLoss, check_pure_task
+from metaloss.hypergrad.threads import thread_safe_model
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode
 
@@ -37,20 +39,15 @@ BACKENDS = ("inductor", "aot_eager")  # aot_eager: the same tracing without code
 
 
 def check_compilable(problem: BilevelProblem) -> None:
-    """What a compiled task needs: a problem that reads only the episode's tensors (as `vmap` does),
-    no dropout (a compiled graph draws other masks than the eager loop) and no BatchNorm that updates
-    running statistics (a side effect of the task), and no data-parallel inner loop."""
-    if getattr(problem.init, "needs_episode", False) or problem.meta_objective == "target_params":
-        raise ConfigError("a compiled task reads only the episode's tensors: an initialisation drawn per episode "
-                          "and meta_objective=target_params run uncompiled (compile=false)")  # fmt: skip
-    if problem.data_parallel is not None and problem.data_parallel.enabled:
-        raise ConfigError("a data-parallel inner loop is not compiled per task (compile=false)")
-    for name, m in problem.model.named_modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
-            raise ConfigError(f"compile=true: dropout ({name}) would draw other masks than the uncompiled loop")
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-            raise ConfigError(f"compile=true: BatchNorm ({name}) updates running statistics, a side effect the "
-                              f"compiled task does not have; use the transductive policy or compile=false")  # fmt: skip
+    """What a compiled task needs: a pure function of the episode's tensors (`check_pure_task`, as
+    the vmap batch needs), no dropout (a compiled graph draws other masks than the eager loop) and no
+    BatchNorm that updates running statistics (a side effect of the task): `thread_safe_model`'s
+    conditions, for the same reasons."""
+    check_pure_task(problem, "compiled tasks", "compile=false")
+    reason = thread_safe_model(problem.model)
+    if reason is not None:
+        raise ConfigError(f"compile=true: {reason}, which a compiled task cannot reproduce; use compile=false "
+                          f"(for BatchNorm: the transductive policy)")  # fmt: skip
 
 
 class CompiledTask:
@@ -77,7 +74,6 @@ class CompiledTask:
         count would be compiled again by the first task that calls it."""
         if self.problem is not problem:
             check_compilable(problem)
-            from torch.func import grad_and_value
 
             def one_task(phi_values: list[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
                 return self.task_loss(problem.with_meta_parameters(phi_values), Episode(sx, sy, qx, qy))
