@@ -18,9 +18,12 @@ from test_unrolled import make_episodes, make_problem
 from test_unrolled_batched import KINDS, MODES, assert_same
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad import Unrolled, unrolled
-from metaloss.meta import ML3RegressionLoss
+from metaloss.functional import apply_batchnorm_policy
+from metaloss.hypergrad import Unrolled, compiled, unrolled
+from metaloss.losses import cross_entropy
+from metaloss.meta import HyperparameterOptimizer, LearnedInit, ML3RegressionLoss
 from metaloss.models import PerStepBatchNorm2d
+from metaloss.problem import BilevelProblem
 from metaloss.types import Episode
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,6 +47,20 @@ def test_first_order_and_truncated_modes(mode: str, truncation: int) -> None:
 
 def test_inductor_kernels_give_the_loops_hypergradient() -> None:
     problem, episodes = make_problem("lslr"), make_episodes(3)
+    assert_same(*both(problem, episodes, backend="inductor"))
+
+
+def test_inductor_convolutions_in_nchw_layout_give_the_loops_hypergradient() -> None:
+    """The path that `CPU_INDUCTOR_OPTIONS` changes: Inductor's convolution kernels without its
+    channels-last layout, on a small conv net with transductive BatchNorm (affine meta-parameters)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(75, 3))  # fmt: skip
+    model = apply_batchnorm_policy(model.double(), "transductive")
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.2), cross_entropy,
+                             cross_entropy, 1)  # fmt: skip
+    _, episodes = conv4_problem()  # 3-way 1-shot, 12x12 single-channel images
+    assert compiled.CPU_INDUCTOR_OPTIONS["layout_optimization"] is False
     assert_same(*both(problem, episodes, backend="inductor"))
 
 
