@@ -11,16 +11,17 @@ clear error, not a slow partial graph) and Inductor generates fused kernels for 
 gradient, inner update and outer gradient together.
 
 Exact: the same hypergradient as the autograd task (float64 agreement to rounding,
-tests/metaloss/hypergrad/test_compiled.py); in float32 the fused kernels round differently, and on
-the peers' Conv-4 closer to the float64 answer than the eager kernels (benchmarks/README.md). A
+tests/metaloss/hypergrad/test_compiled.py); in float32 the fused kernels round differently (on the
+peers' Conv-4 as far from the float64 answer as the eager kernels, benchmarks/README.md). A
 meta-parameter that the autograd task does not reach (None) is found once per problem by one
 autograd task and stays None, so an outer optimizer treats it as the loop does. Measured on a 2-core
 CPU (benchmarks/peers): compiling takes 20 s to 4 minutes per episode shape, paid on the first
 meta-batch of that shape, so it pays on long runs of fixed-shape episodes; more shapes per problem
 than dynamo's `recompile_limit` (8) are refused. On a CPU, Inductor's layout optimisation (which
-turns convolution graphs channels-last) is off (`CPU_INDUCTOR_OPTIONS`): one task's small batches then
-paid a layout conversion around every convolution, and the same tasks ran 0.66x to 0.9x the time
-without it (benchmarks/peers, MAML, FOMAML, ANIL, Meta-SGD on a Conv-4).
+turns convolution graphs channels-last) is off (`CPU_INDUCTOR_OPTIONS`): with it, one task's small
+batches paid a layout conversion around the convolutions, and without it the same compiled tasks
+took 0.94x to 1.00x the time side by side, compiled in 0.6x to 0.9x the time (MAML, FOMAML, ANIL,
+Meta-SGD on the peers' Conv-4, benchmarks/peers/compile_layout.py).
 """
 
 from __future__ import annotations

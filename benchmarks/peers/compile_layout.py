@@ -1,0 +1,87 @@
+"""Compiled tasks with and without Inductor's layout optimisation, side by side in one process.
+
+    python benchmarks/peers/compile_layout.py        # MAML, FOMAML, ANIL, Meta-SGD at one inner step
+
+On a CPU, Inductor turns a graph with convolutions channels-last (`layout_optimization`); metaloss's
+compiled tasks switch that off (`metaloss.hypergrad.compiled.CPU_INDUCTOR_OPTIONS`). Per case of
+benchmarks/peers/run.py: the plain `functional_call` loop (a reference for the machine's speed) and
+`Unrolled(compile=True)` compiled once with the optimisation on and once off (each a fresh problem,
+so each compiles its own graph), then `--rounds` meta-steps each, round-robin with the order
+reversed every round; the median seconds per meta-step, the first call's seconds (which compiles;
+Inductor's on-disk cache may shorten it) and each meta-gradient's largest difference from the
+plain loop's (relative to its largest entry). Writes benchmarks/results/peers_compile_layout.json;
+the last stdout line is the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from run import CASES, build, meta_batches, provenance, write_result
+
+from metaloss.hypergrad import compiled
+
+VARIANTS = {"loop": None, "compiled_channels_last": True, "compiled_nchw": False}  # layout_optimization
+
+
+def run_case(case_name: str, rounds: int, seed: int) -> dict[str, object]:
+    case = CASES[case_name]
+    probe = meta_batches(case, 1, seed)[0]
+    impls, first_call, difference = {}, {}, {}
+    reference = None
+    for name, layout in VARIANTS.items():
+        impl = build(case, "loop" if layout is None else "metaloss_compiled", seed)
+        if layout is not None:  # read when the task compiles, on its first call
+            compiled.CPU_INDUCTOR_OPTIONS = {"layout_optimization": layout}
+        started = time.perf_counter()
+        gradient = impl.gradient(probe)
+        first_call[name] = round(time.perf_counter() - started, 2)
+        reference = gradient if reference is None else reference
+        difference[name] = (gradient - reference).abs().max().item() / reference.abs().max().item()
+        impls[name] = impl
+    compiled.CPU_INDUCTOR_OPTIONS = {"layout_optimization": False}
+    batches = meta_batches(case, rounds, seed + 1)
+    seconds: dict[str, list[float]] = {n: [] for n in impls}
+    for round_ in range(rounds):
+        for name in impls if round_ % 2 == 0 else reversed(impls):
+            started = time.perf_counter()
+            impls[name].step(batches[round_])
+            seconds[name].append(time.perf_counter() - started)
+    rows = {n: {"median_s": round(statistics.median(seconds[n][1:]), 4), "first_call_s": first_call[n],
+                "grad_max_rel_difference_from_loop": difference[n]} for n in impls}  # fmt: skip
+    return {"case": case_name, "implementations": rows,
+            "nchw_over_channels_last": round(rows["compiled_nchw"]["median_s"]
+                                             / rows["compiled_channels_last"]["median_s"], 3)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES),
+                        default=["maml_1step", "fomaml_1step", "anil_1step", "metasgd_1step"])  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=9, help="meta-steps per variant; the first is not counted")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers_compile_layout.json"))
+    args = parser.parse_args()
+    if args.rounds < 2 or args.threads < 1:
+        parser.error("need --rounds >= 2 and --threads >= 1")
+    if any(CASES[c].algorithm == "imaml" or CASES[c].model != "conv4" for c in args.cases):
+        parser.error("the layout concerns the Conv-4 cases of the unrolled estimator")
+    torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
+    rows = [run_case(c, args.rounds, args.seed) for c in args.cases]
+    result = {
+        "benchmark": "peers_compile_layout", **provenance(), "torch": torch.__version__, "threads": args.threads,
+        "rounds": args.rounds, "load_average_at_start": [round(x, 2) for x in load_at_start],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "cases": rows,
+    }  # fmt: skip
+    write_result(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
