@@ -52,6 +52,10 @@ run_one() {
     # the other algorithms on the final settings: first-order MAML, ANIL (the head adapts, the body is reused)
     maxpool_lslr_within_fomaml) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true algorithm=fomaml) ;;
     maxpool_lslr_within_anil) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true algorithm=anil) ;;
+    # compiled tasks (hypergrad.compile=true) on the final settings, run beside maxpool_lslr_within_rerun
+    # (the same settings uncompiled) for a side-by-side wall time on this job
+    maxpool_lslr_within_compiled) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true hypergrad.compile=true) ;;
+    maxpool_lslr_within_rerun) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"
