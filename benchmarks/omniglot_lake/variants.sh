@@ -56,6 +56,9 @@ run_one() {
     # (the same settings uncompiled) for a side-by-side wall time on this job
     maxpool_lslr_within_compiled) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true hypergrad.compile=true) ;;
     maxpool_lslr_within_rerun) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true) ;;
+    # second seeds of single-seed variants: Meta-SGD with within-alphabet training, within-alphabet training alone
+    maxpool_metasgd_within_seed1) extra=("${maxpool[@]}" algorithm=metasgd task.train_within_alphabet=true seed=1) ;;
+    maxpool_within_seed1) extra=("${maxpool[@]}" task.train_within_alphabet=true seed=1) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"
