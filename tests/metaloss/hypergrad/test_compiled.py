@@ -19,7 +19,8 @@ from test_unrolled_batched import KINDS, MODES, assert_same
 
 from metaloss.errors import ConfigError
 from metaloss.functional import apply_batchnorm_policy
-from metaloss.hypergrad import Unrolled, compiled, unrolled
+from metaloss.hypergrad import Unrolled, unrolled
+from metaloss.hypergrad.compiled import CPU_INDUCTOR_OPTIONS
 from metaloss.losses import cross_entropy
 from metaloss.meta import HyperparameterOptimizer, LearnedInit, ML3RegressionLoss
 from metaloss.models import PerStepBatchNorm2d
@@ -60,7 +61,7 @@ def test_inductor_convolutions_in_nchw_layout_give_the_loops_hypergradient() -> 
     problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.2), cross_entropy,
                              cross_entropy, 1)  # fmt: skip
     _, episodes = conv4_problem()  # 3-way 1-shot, 12x12 single-channel images
-    assert compiled.CPU_INDUCTOR_OPTIONS["layout_optimization"] is False
+    assert CPU_INDUCTOR_OPTIONS["layout_optimization"] is False
     assert_same(*both(problem, episodes, backend="inductor"))
 
 
