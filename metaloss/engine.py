@@ -146,6 +146,8 @@ class MetaTrainer:
         (one, unless it updates per truncation), each skipped when non-finite. Several updates
         report their mean metrics and their count as `outer_updates`."""
         outs = []
+        for p in self.problem.meta_parameters():
+            p.grad = None  # the last step's gradient, applied: not kept alive beside this step's graphs
         for out in self.estimator.updates(self.problem, episodes):
             # what this rank's estimate is the mean over (rows: 1, a share scaled so that the plain mean
             # over the ranks is the estimate, `metaloss.distributed`)

@@ -21,7 +21,11 @@ machine hits all alike); the median is reported. Memory: every implementation ag
 process (this script with `--child`), the growth of the peak resident set (`VmHWM`, reset through
 /proc/self/clear_refs after the setup) over the resident set before its first meta-step, over
 warm-up + 1 meta-steps (with `--settled N`: after N meta-steps outside the measurement, a long
-run's steady state without the first steps' one-time allocations). Gradients: every
+run's steady state without the first steps' one-time allocations); then, in the same child, the
+tensor peak of one more meta-step (`tensor_peak_mb`: the peak of the bytes PyTorch's allocator
+holds over those it held when the step began, from the profiler's allocation events; exact and
+repeatable, where the resident set moves by tens of MB; not for tasks in worker threads, whose
+allocations the profiler does not see). Gradients: every
 implementation's meta-gradient on one meta-batch at the initial phi, against metaloss's (max
 |difference| / max |ours|, float32), its error against our loop's meta-gradient computed in float64
 (`grad_max_rel_error_vs_float64`: which float32 rounding is closer to exact), and the seconds of that
@@ -62,6 +66,7 @@ from metaloss.hypergrad import Implicit, Unrolled
 from metaloss.hypergrad.base import batching_pays
 from metaloss.hypergrad.threads import resolve_threads
 from metaloss.losses import cross_entropy, mse
+from metaloss.memory import tensor_peak_growth
 from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD, Proximal
 from metaloss.models import MLP, Conv4
 from metaloss.problem import BilevelProblem
@@ -409,17 +414,22 @@ def peak_growth(run: Callable[[], None]) -> dict[str, float]:
     return {"peak_growth_mb": proc_status_mb("VmHWM") - before, "rss_before_mb": before}
 
 
-def peak_growth_child(case_json: str, impl_name: str, args: argparse.Namespace) -> dict[str, float]:
+def peak_growth_child(case_json: str, impl_name: str, args: argparse.Namespace) -> dict[str, float | None]:
     """In this (fresh) process: the resident-set peak over warm-up + 1 meta-steps, minus the
     resident set before them, in MB; with `--settled N`, after N meta-steps outside the measurement
-    (a long run's steady state, without the first steps' one-time allocations)."""
+    (a long run's steady state, without the first steps' one-time allocations). Then two more
+    meta-steps for `tensor_peak_growth` of the second (None for tasks in worker threads)."""
     torch.set_num_threads(args.threads)
     case = Case(**json.loads(case_json))
     impl = build(case, impl_name, args.seed)
-    batches = meta_batches(case, args.settled + args.warmup + 1, args.seed + 1)
+    batches = meta_batches(case, args.settled + args.warmup + 3, args.seed + 1)
     for batch in batches[: args.settled]:
         impl.step(batch)
-    return peak_growth(lambda: [impl.step(batch) for batch in batches[args.settled :]])
+    result: dict[str, float | None] = {
+        **peak_growth(lambda: [impl.step(batch) for batch in batches[args.settled : -2]])}
+    result["tensor_peak_mb"] = None if "threads" in impl_name else \
+        tensor_peak_growth(lambda: impl.step(batches[-2]), lambda: impl.step(batches[-1])) / 2**20  # fmt: skip
+    return result
 
 
 def memory(case: Case, impl_name: str, args: argparse.Namespace) -> dict[str, float]:
@@ -437,9 +447,11 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
     case = CASES[case_name]
     names = [n for n in IMPLEMENTATIONS[case.algorithm] if n not in args.skip]
     if args.memory_only:
-        rows = {n: {k: round(v, 1) for k, v in memory(case, n, args).items()} for n in names}
+        rows = {n: rounded(memory(case, n, args)) for n in names}
         return {"case": case_name, "setting": case.__dict__, "implementations": rows,
-                "metaloss_task_loop_memory_over_lowest_peer": memory_ratio(rows, "metaloss", names)}  # fmt: skip
+                "metaloss_task_loop_memory_over_lowest_peer": memory_ratio(rows, "metaloss", names),
+                "metaloss_task_loop_tensor_peak_over_lowest_peer":
+                    tensor_memory_ratio(rows, "metaloss", names)}  # fmt: skip
     impls = {n: build(case, n, args.seed) for n in names}
 
     probe = meta_batches(case, 1, args.seed)[0]  # gradients at the initial phi, before any step
@@ -468,7 +480,7 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
                    "grad_max_rel_difference": difference[n], "grad_max_rel_error_vs_float64": error[n],
                    "first_call_s": round(first_call[n], 2)}  # fmt: skip
         if not args.no_memory:
-            rows[n].update({k: round(v, 1) for k, v in memory(case, n, args).items()})
+            rows[n].update(rounded(memory(case, n, args)))
         print(f"{case_name} {n}: {rows[n]}", file=sys.stderr)
     fastest_peer = min((n for n in names if not n.startswith("metaloss")), key=lambda n: rows[n]["median_s"])
     # what a user gets: the configs' hypergrad.batched=auto and hypergrad.threads=auto
@@ -487,6 +499,8 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
         "metaloss_auto": auto,
         "auto_over_fastest_peer": round(rows[auto]["median_s"] / rows[fastest_peer]["median_s"], 3),
         "auto_memory_over_lowest_peer": memory_ratio(rows, auto, names),
+        **({} if args.no_memory else
+           {"metaloss_task_loop_tensor_peak_over_lowest_peer": tensor_memory_ratio(rows, "metaloss", names)}),
         **({"threads_compiled_over_fastest_peer":
             round(rows["metaloss_threads_compiled"]["median_s"] / rows[fastest_peer]["median_s"], 3),
             "compiled_memory_over_lowest_peer": memory_ratio(rows, "metaloss_compiled", names)}
@@ -506,6 +520,20 @@ def float64_gradient(case: Case, seed: int, episodes: Sequence[Episode]) -> Tens
 
     return impl.gradient([Episode(*(double(t) for t in (e.support_x, e.support_y, e.query_x, e.query_y)))
                           for e in episodes])  # fmt: skip
+
+
+def rounded(memory_row: dict[str, float | None]) -> dict[str, float | None]:
+    """Resident-set figures to 0.1 MB, tensor peaks to the kB (they are exact)."""
+    return {k: v if v is None else round(v, 3 if k == "tensor_peak_mb" else 1) for k, v in memory_row.items()}
+
+
+def tensor_memory_ratio(rows: dict[str, dict], name: str, names: Sequence[str]) -> float | None:
+    """`name`'s tensor peak over the lowest peer's (None without memory runs)."""
+    if any(rows[n].get("tensor_peak_mb") is None for n in names if not n.startswith("metaloss")) \
+            or rows[name].get("tensor_peak_mb") is None:  # fmt: skip
+        return None
+    lowest = min(rows[n]["tensor_peak_mb"] for n in names if not n.startswith("metaloss"))
+    return round(rows[name]["tensor_peak_mb"] / lowest, 4)
 
 
 def memory_ratio(rows: dict[str, dict], name: str, names: Sequence[str]) -> float | None:

@@ -47,23 +47,29 @@ class HypergradEstimator(ABC):
             raise ConfigError(f"{type(self).__name__} is stateless but was given estimator state {sorted(state)}")
 
 
-TaskEstimate = Callable[[BilevelProblem, Episode, list[Tensor], float], tuple[Sequence[Tensor | None], dict[str, Any]]]
+# (problem, episode, phi, scale) -> (scale * d L_outer / d phi, metrics); None instead of the gradients when
+# called with accumulate=True (`summed_in_grad`)
+TaskEstimate = Callable[..., tuple[Sequence[Tensor | None] | None, dict[str, Any]]]
 
 
-def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: TaskEstimate,
-                    threads: int | str = 1, local_models: bool = True) -> HypergradOut:  # fmt: skip
+def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: TaskEstimate, threads: int | str = 1,
+                    local_models: bool = True, accumulates: bool = False) -> HypergradOut:  # fmt: skip
     """Sum `task(problem, episode, phi, 1 / B)` (its scaled gradient and metrics) over a meta-batch
     of B episodes, task by task, so one task's graph is freed before the next is built. A gradient
     stays None where no task reached that meta-parameter (an optimizer then leaves it alone).
     threads: tasks run side by side on this many CPU threads (`metaloss.hypergrad.threads`; "auto":
     one per intra-op thread where the model allows it), summed in the same task order; each thread runs
     the model through its own copy of the module tree unless `local_models` is false (a task that
-    never runs the modules, such as a compiled one, `metaloss.hypergrad.compiled`)."""
+    never runs the modules, such as a compiled one, `metaloss.hypergrad.compiled`).
+    accumulates: the task also takes `accumulate=True` (see `summed_in_grad`), which the loop on the
+    calling thread uses."""
     if not episodes:
         raise ConfigError("a meta-batch needs at least one episode")
     phi = problem.meta_parameters()
     scale = 1.0 / len(episodes)
     workers = resolve_threads(threads, problem.model, len(episodes), first_device(phi))
+    if workers == 1 and accumulates and phi:
+        return summed_in_grad(problem, episodes, task, phi, scale)
     if workers > 1:
 
         def one(i: int):  # this thread's copy of the model's module tree, the same tensors
@@ -79,6 +85,32 @@ def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: 
         grads = [t if g is None else (g if t is None else g + t) for g, t in zip(grads, task_grads)]
         for k, value in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(value)
+    means = {k: v / len(episodes) for k, v in sums.items()}
+    return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
+
+
+def summed_in_grad(problem: BilevelProblem, episodes: Sequence[Episode], task: TaskEstimate, phi: list[Tensor],
+                   scale: float) -> HypergradOut:  # fmt: skip
+    """`mean_over_tasks` on the calling thread, with the sum left to autograd: each
+    `task(..., accumulate=True)` runs its backward into phi's `.grad` (`torch.autograd.backward`
+    with `inputs=phi`), which adds every arriving gradient in place, as `loss.backward()` in a
+    hand-written loop does. The running sum is then the only gradient buffer: summing returned
+    gradients holds the sum beside a task's fresh gradient during its backward, one copy of the
+    gradients more at the memory peak (benchmarks/peers: `tensor_peak_mb`). The same values in the
+    same order (a + b, task by task). The callers' `.grad` are set aside and given back."""
+    saved = [p.grad for p in phi]
+    for p in phi:
+        p.grad = None  # no other reference may hold a sum: AccumulateGrad adds in place only then
+    sums: dict[str, float] = {}
+    try:
+        for episode in episodes:
+            _, metrics = task(problem, episode, phi, scale, accumulate=True)
+            for k, value in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(value)
+        grads: list[Tensor | None] = [p.grad for p in phi]
+    finally:
+        for p, g in zip(phi, saved):
+            p.grad = g
     means = {k: v / len(episodes) for k, v in sums.items()}
     return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
 

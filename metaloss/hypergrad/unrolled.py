@@ -97,7 +97,7 @@ class Unrolled(HypergradEstimator):
                 resolve_threads(self.threads, problem.model, len(episodes), first_device(problem.meta_parameters()))
             self.compiled.prepare(problem, episodes, 1 if workers > 1 else torch.get_num_threads())
             return mean_over_tasks(problem, episodes, self.compiled, workers, local_models=False)
-        return mean_over_tasks(problem, episodes, self._task, self.threads)
+        return mean_over_tasks(problem, episodes, self._task, self.threads, accumulates=True)
 
     def chunk_for(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> int | None:
         """The tasks per vmap call: `chunk`, or what `graph_budget_mb` allows."""
@@ -123,8 +123,13 @@ class Unrolled(HypergradEstimator):
         metrics["inner_loss_last"] = inner.losses[-1].detach()
         return loss, metrics
 
-    def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
-        """scale * d L_outer / d phi for one episode (None where phi is not reached), and its metrics."""
+    def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float,
+              accumulate: bool = False):  # fmt: skip
+        """scale * d L_outer / d phi for one episode (None where phi is not reached), and its metrics;
+        with `accumulate`, added into phi's .grad instead (`summed_in_grad`), and None returned."""
         loss, metrics = self._task_loss(problem, episode, functional=False)
+        if accumulate:
+            torch.autograd.backward(loss * scale, inputs=phi)
+            return None, metrics
         grads = torch.autograd.grad(loss * scale, phi, allow_unused=True)
         return grads, metrics

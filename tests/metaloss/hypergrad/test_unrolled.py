@@ -237,3 +237,27 @@ def test_bad_settings_are_rejected() -> None:
         Unrolled("truncated")
     with pytest.raises(ConfigError):
         Unrolled().estimate(make_problem(), [])
+
+
+@pytest.mark.parametrize("mode", ["full", "first_order", "truncated"])
+def test_the_task_loop_summed_in_grad_equals_the_sum_of_returned_gradients_bit_for_bit(mode: str) -> None:
+    """`summed_in_grad` (backward into .grad) against summing each task's `autograd.grad`, and the
+    caller's .grad given back as they were; a meta-parameter no task reaches stays None."""
+    from metaloss.hypergrad.base import mean_over_tasks
+
+    problem, episodes = make_problem("sgd_learned_lr"), make_episodes(3)
+    estimator = Unrolled(mode, truncation=1 if mode == "truncated" else None)
+    phi = problem.meta_parameters()
+    callers = [torch.full_like(p, 7.0) for p in phi]
+    for p, g in zip(phi, callers):
+        p.grad = g
+    summed = mean_over_tasks(problem, episodes, estimator._task, accumulates=True)
+    returned = mean_over_tasks(problem, episodes, estimator._task, accumulates=False)
+    assert all(p.grad is g for p, g in zip(phi, callers))
+    assert summed.metrics == returned.metrics
+    for a, b in zip(summed.grads, returned.grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    # one differentiated step does not reach the initialisation (the learned rate only)
+    assert sum(g is None for g in summed.grads) == (len(phi) - 1 if mode == "truncated" else 0)
