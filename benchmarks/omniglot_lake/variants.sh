@@ -59,6 +59,9 @@ run_one() {
     # second seeds of single-seed variants: Meta-SGD with within-alphabet training, within-alphabet training alone
     maxpool_metasgd_within_seed1) extra=("${maxpool[@]}" algorithm=metasgd task.train_within_alphabet=true seed=1) ;;
     maxpool_within_seed1) extra=("${maxpool[@]}" task.train_within_alphabet=true seed=1) ;;
+    # second seeds of the mixed-alphabet baselines: max-pool alone, and with LSLR (is within-alphabet training worth it?)
+    maxpool_seed1) extra=("${maxpool[@]}" seed=1) ;;
+    maxpool_lslr_seed1) extra=("${maxpool[@]}" inner_opt=lslr seed=1) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"
