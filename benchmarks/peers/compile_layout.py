@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import CASES, build, meta_batches, provenance, write_result
+from run import CASES, build, meta_batches, provenance, round_robin, write_result
 
 from metaloss.hypergrad import compiled
 
@@ -45,14 +45,8 @@ def run_case(case_name: str, rounds: int, seed: int) -> dict[str, object]:
         difference[name] = (gradient - reference).abs().max().item() / reference.abs().max().item()
         impls[name] = impl
     compiled.CPU_INDUCTOR_OPTIONS = {"layout_optimization": False}
-    batches = meta_batches(case, rounds, seed + 1)
-    seconds: dict[str, list[float]] = {n: [] for n in impls}
-    for round_ in range(rounds):
-        for name in impls if round_ % 2 == 0 else reversed(impls):
-            started = time.perf_counter()
-            impls[name].step(batches[round_])
-            seconds[name].append(time.perf_counter() - started)
-    rows = {n: {"median_s": round(statistics.median(seconds[n][1:]), 4), "first_call_s": first_call[n],
+    seconds = round_robin(impls, meta_batches(case, rounds, seed + 1), warmup=1)
+    rows = {n: {"median_s": round(statistics.median(seconds[n]), 4), "first_call_s": first_call[n],
                 "grad_max_rel_difference_from_loop": difference[n]} for n in impls}  # fmt: skip
     return {"case": case_name, "implementations": rows,
             "nchw_over_channels_last": round(rows["compiled_nchw"]["median_s"]

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from run import CASES, build, meta_batches, provenance, write_result
+from run import CASES, build, meta_batches, provenance, round_robin, write_result
 
 from metaloss.hypergrad import Unrolled
 from metaloss.hypergrad.base import mean_over_tasks
@@ -46,13 +45,7 @@ def run_case(case_name: str, rounds: int, seed: int) -> dict[str, object]:
     probe = meta_batches(case, 1, seed)[0]
     gradients = {n: impl.gradient(probe) for n, impl in impls.items()}
     batches = meta_batches(case, rounds + 3, seed + 1)
-    seconds: dict[str, list[float]] = {n: [] for n in impls}
-    for round_ in range(rounds + 1):
-        for name in impls if round_ % 2 == 0 else reversed(impls):
-            started = time.perf_counter()
-            impls[name].step(batches[round_])
-            if round_:
-                seconds[name].append(time.perf_counter() - started)
+    seconds = round_robin(impls, batches[: rounds + 1], warmup=1)
     peaks = {n: tensor_peak_growth(lambda i=impl: i.step(batches[-2]), lambda i=impl: i.step(batches[-1])) / 2**20
              for n, impl in impls.items()}  # fmt: skip
     rows = {n: {"median_s": round(statistics.median(seconds[n]), 4), "tensor_peak_mb": round(peaks[n], 3)}

@@ -467,14 +467,7 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
         difference[n] = (gradient - reference).abs().max().item() / scale
         error[n] = (gradient.double() - exact).abs().max().item() / exact.abs().max().item()
 
-    batches = meta_batches(case, args.warmup + args.repeats, args.seed + 1)
-    seconds: dict[str, list[float]] = {n: [] for n in names}
-    for round_ in range(args.warmup + args.repeats):
-        for n in names if round_ % 2 == 0 else reversed(names):
-            started = time.perf_counter()
-            impls[n].step(batches[round_])
-            if round_ >= args.warmup:
-                seconds[n].append(time.perf_counter() - started)
+    seconds = round_robin(impls, meta_batches(case, args.warmup + args.repeats, args.seed + 1), args.warmup)
     rows = {}
     for n in names:
         rows[n] = {"median_s": round(statistics.median(seconds[n]), 4), "min_s": round(min(seconds[n]), 4),
@@ -507,6 +500,21 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
             "compiled_memory_over_lowest_peer": memory_ratio(rows, "metaloss_compiled", names)}
            if "metaloss_threads_compiled" in names and "metaloss_compiled" in names else {}),
     }  # fmt: skip
+
+
+def round_robin(impls: dict[str, Implementation], batches: Sequence[Sequence[Episode]],
+                warmup: int) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds of each implementation's meta-step on `batches[r]` in round r, every implementation once
+    per round, the order reversed every round (a drift of the machine hits all alike); the first
+    `warmup` rounds are run, not counted."""
+    seconds: dict[str, list[float]] = {n: [] for n in impls}
+    for round_, batch in enumerate(batches):
+        for n in impls if round_ % 2 == 0 else reversed(impls):
+            started = time.perf_counter()
+            impls[n].step(batch)
+            if round_ >= warmup:
+                seconds[n].append(time.perf_counter() - started)
+    return seconds
 
 
 def float64_gradient(case: Case, seed: int, episodes: Sequence[Episode]) -> Tensor:

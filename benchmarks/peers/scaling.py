@@ -20,11 +20,10 @@ import dataclasses
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from run import CLASSES, Case, build, memory, meta_batches, provenance, write_result
+from run import CLASSES, Case, build, memory, meta_batches, provenance, round_robin, write_result
 
 META_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 INNER_STEPS = (1, 2, 5, 10, 20)
@@ -34,14 +33,7 @@ STEPS_META_BATCH = {"sinusoid": 25, "conv4": 4}
 
 def point(case: Case, names: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
     impls = {n: build(case, n, args.seed) for n in names}
-    batches = meta_batches(case, 1 + args.repeats, args.seed + 1)
-    seconds: dict[str, list[float]] = {n: [] for n in names}
-    for round_ in range(1 + args.repeats):
-        for n in names if round_ % 2 == 0 else reversed(names):
-            started = time.perf_counter()
-            impls[n].step(batches[round_])
-            if round_:
-                seconds[n].append(time.perf_counter() - started)
+    seconds = round_robin(impls, meta_batches(case, 1 + args.repeats, args.seed + 1), warmup=1)
     out = {}
     for n in names:
         out[n] = {"median_s": round(statistics.median(seconds[n]), 5)}

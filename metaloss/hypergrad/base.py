@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -61,15 +62,14 @@ def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: 
     one per intra-op thread where the model allows it), summed in the same task order; each thread runs
     the model through its own copy of the module tree unless `local_models` is false (a task that
     never runs the modules, such as a compiled one, `metaloss.hypergrad.compiled`).
-    accumulates: the task also takes `accumulate=True` (see `summed_in_grad`), which the loop on the
-    calling thread uses."""
+    accumulates: the task also takes `accumulate=True`, adding its gradient into phi's `.grad`
+    instead of returning it, which the loop on the calling thread uses (`summed_in_grad`)."""
     if not episodes:
         raise ConfigError("a meta-batch needs at least one episode")
     phi = problem.meta_parameters()
     scale = 1.0 / len(episodes)
     workers = resolve_threads(threads, problem.model, len(episodes), first_device(phi))
-    if workers == 1 and accumulates and phi:
-        return summed_in_grad(problem, episodes, task, phi, scale)
+    in_grad = workers == 1 and accumulates and bool(phi)
     if workers > 1:
 
         def one(i: int):  # this thread's copy of the model's module tree, the same tensors
@@ -77,42 +77,41 @@ def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: 
             return task(local, episodes[i], phi, scale)
 
         results = map_in_threads(one, len(episodes), workers)
+    elif in_grad:
+        results = (task(problem, episode, phi, scale, accumulate=True) for episode in episodes)
     else:
         results = (task(problem, episode, phi, scale) for episode in episodes)
     grads: list[Tensor | None] = [None] * len(phi)
     sums: dict[str, float] = {}
-    for task_grads, metrics in results:
-        grads = [t if g is None else (g if t is None else g + t) for g, t in zip(grads, task_grads)]
-        for k, value in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(value)
+    with summed_in_grad(phi) if in_grad else contextlib.nullcontext():
+        for task_grads, metrics in results:
+            if task_grads is not None:
+                grads = [t if g is None else (g if t is None else g + t) for g, t in zip(grads, task_grads)]
+            for k, value in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(value)
+        if in_grad:
+            grads = [p.grad for p in phi]
     means = {k: v / len(episodes) for k, v in sums.items()}
     return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
 
 
-def summed_in_grad(problem: BilevelProblem, episodes: Sequence[Episode], task: TaskEstimate, phi: list[Tensor],
-                   scale: float) -> HypergradOut:  # fmt: skip
-    """`mean_over_tasks` on the calling thread, with the sum left to autograd: each
-    `task(..., accumulate=True)` runs its backward into phi's `.grad` (`torch.autograd.backward`
-    with `inputs=phi`), which adds every arriving gradient in place, as `loss.backward()` in a
-    hand-written loop does. The running sum is then the only gradient buffer: summing returned
-    gradients holds the sum beside a task's fresh gradient during its backward, one copy of the
-    gradients more at the memory peak (benchmarks/peers: `tensor_peak_mb`). The same values in the
-    same order (a + b, task by task). The callers' `.grad` are set aside and given back."""
+@contextlib.contextmanager
+def summed_in_grad(phi: list[Tensor]) -> Iterator[None]:
+    """Leaves the sum of the tasks' gradients to autograd: inside, phi's `.grad` start at None and
+    each task runs its backward into them (`torch.autograd.backward` with `inputs=phi`), which adds
+    every arriving gradient in place, as `loss.backward()` in a hand-written loop does. The running
+    sum is then the only gradient buffer: summing returned gradients holds the sum beside a task's
+    fresh gradient during its backward, one copy of the gradients more at the memory peak
+    (benchmarks/peers: `tensor_peak_mb`). The same values in the same order (a + b, task by task).
+    The callers' `.grad` are set aside and given back on the way out."""
     saved = [p.grad for p in phi]
     for p in phi:
         p.grad = None  # no other reference may hold a sum: AccumulateGrad adds in place only then
-    sums: dict[str, float] = {}
     try:
-        for episode in episodes:
-            _, metrics = task(problem, episode, phi, scale, accumulate=True)
-            for k, value in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(value)
-        grads: list[Tensor | None] = [p.grad for p in phi]
+        yield
     finally:
         for p, g in zip(phi, saved):
             p.grad = g
-    means = {k: v / len(episodes) for k, v in sums.items()}
-    return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
 
 
 MIN_BATCHED_TASKS = 4  # batched="auto": fewer tasks run faster one by one (benchmarks/peers/scaling.py)

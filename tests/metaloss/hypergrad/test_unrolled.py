@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from metaloss.errors import ConfigError
 from metaloss.hypergrad import Unrolled
+from metaloss.hypergrad.base import mean_over_tasks
 from metaloss.losses import mse
 from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD, PerStepSGD
 from metaloss.problem import BilevelProblem
@@ -243,8 +244,6 @@ def test_bad_settings_are_rejected() -> None:
 def test_the_task_loop_summed_in_grad_equals_the_sum_of_returned_gradients_bit_for_bit(mode: str) -> None:
     """`summed_in_grad` (backward into .grad) against summing each task's `autograd.grad`, and the
     caller's .grad given back as they were; a meta-parameter no task reaches stays None."""
-    from metaloss.hypergrad.base import mean_over_tasks
-
     problem, episodes = make_problem("sgd_learned_lr"), make_episodes(3)
     estimator = Unrolled(mode, truncation=1 if mode == "truncated" else None)
     phi = problem.meta_parameters()
