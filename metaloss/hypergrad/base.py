@@ -114,6 +114,19 @@ def summed_in_grad(phi: list[Tensor]) -> Iterator[None]:
             p.grad = g
 
 
+def add_into_grad(phi: list[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """What `summed_in_grad`'s backward does, for a task that computes its gradients by hand (the
+    implicit estimator's d - m): the first task's gradient becomes phi's `.grad` (no copy), later
+    ones are added in place, so that the sum is the same a + b, task by task, as summing returned ones."""
+    for p, g in zip(phi, grads):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
 MIN_BATCHED_TASKS = 4  # batched="auto": fewer tasks run faster one by one (benchmarks/peers/scaling.py)
 TaskLoss = Callable[[BilevelProblem, Episode], tuple[Tensor, dict[str, Tensor]]]
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from metaloss.errors import ConfigError
-from metaloss.hypergrad.base import HypergradEstimator, mean_over_tasks
+from metaloss.hypergrad.base import HypergradEstimator, add_into_grad, mean_over_tasks
 from metaloss.hypergrad.linalg import conjugate_gradient, neumann_series, relative_residual
 from metaloss.hypergrad.threads import check_threads
 from metaloss.problem import BilevelProblem
@@ -54,12 +54,13 @@ class Implicit(HypergradEstimator):
                 "implicit differentiation supports meta_objective='query' only: the trajectory objective "
                 "depends on every iterate, not only on the inner solution (use unrolled or checkpointed)"
             )
-        return mean_over_tasks(problem, episodes, self._task, self.threads)
+        return mean_over_tasks(problem, episodes, self._task, self.threads, accumulates=True)
 
     def _task(
-        self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float
-    ) -> tuple[list[Tensor | None], dict[str, Tensor | float]]:
-        """scale * d L_out / d phi for one episode, and its metrics."""
+        self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float, accumulate: bool = False
+    ) -> tuple[list[Tensor | None] | None, dict[str, Tensor | float]]:
+        """scale * d L_out / d phi for one episode, and its metrics; with `accumulate`, added into
+        phi's .grad instead (`add_into_grad`), and None returned."""
         solved, inner = problem.adapt_to(episode, second_order=False, differentiable_steps=0)
         w0, frozen = problem.initial_params(episode)  # phi-dependent: the graph of the mixed term
         w = {name: solved[name].detach().requires_grad_() for name in w0}
@@ -78,11 +79,28 @@ class Implicit(HypergradEstimator):
         else:
             v, used = neumann_series(hvp, dl_dw, self.iterations, self.alpha)
         metrics["solver_residual"] = relative_residual(hvp, v, dl_dw) if any(x.any() for x in dl_dw) else 0.0
-        mixed = torch.autograd.grad(inner_grad, phi, grad_outputs=v, allow_unused=True)
-        grads = [  # None where phi reaches neither term (no implicit gradient at all)
-            None if d is None and m is None else (torch.zeros_like(p) if d is None else d) - (0 if m is None else m)
-            for p, d, m in zip(phi, direct, mixed)
-        ]
+        mixed = list(torch.autograd.grad(inner_grad, phi, grad_outputs=v, allow_unused=True))
+        grads: list[Tensor | None] = []
+        for j, (p, d) in enumerate(zip(phi, direct)):  # None where phi reaches neither term (no implicit gradient)
+            m, mixed[j] = mixed[j], None
+            grads.append(_difference(p, d, m))
         metrics["solver_iterations"] = used
         metrics["inner_loss_last"] = inner.losses[-1].detach() if inner.losses else float("nan")
+        if accumulate:
+            add_into_grad(phi, grads)
+            return None, metrics
         return grads, metrics
+
+
+def _difference(p: Tensor, d: Tensor | None, m: Tensor | None) -> Tensor | None:
+    """d - m (either may be None: not reached), in d's own buffer where autograd handed over a plain
+    one (a fresh contiguous tensor, not a view): one gradient copy less at the peak, same rounding."""
+    if d is None and m is None:
+        return None
+    if m is None:
+        return d
+    if d is None:
+        return torch.zeros_like(p).sub_(m)
+    if d._base is None and d.is_contiguous() and d.shape == m.shape:
+        return d.sub_(m)
+    return d - m

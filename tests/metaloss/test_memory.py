@@ -9,10 +9,11 @@ from torch.func import functional_call
 
 from metaloss.engine import meta_step
 from metaloss.functional import apply_batchnorm_policy
-from metaloss.hypergrad import Unrolled
+from metaloss.hypergrad import Implicit, Unrolled
+from metaloss.hypergrad.base import mean_over_tasks
 from metaloss.losses import cross_entropy
 from metaloss.memory import tensor_peak_growth
-from metaloss.meta import HyperparameterOptimizer, LearnedInit
+from metaloss.meta import HyperparameterOptimizer, LearnedInit, Proximal
 from metaloss.models import Conv4
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode
@@ -91,3 +92,25 @@ def test_the_task_loops_tensor_peak_is_no_higher_than_a_hand_written_maml_loops(
     assert mine <= theirs, (mine, theirs)
     for p, q in zip(problem.meta_parameters(), reference_model.parameters()):  # the same steps were taken
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_implicit_tasks_summed_in_grad_hold_one_gradient_copy_less_than_returned_ones() -> None:
+    """iMAML's task loop: d - m in d's buffer and the sum in phi's .grad (`add_into_grad`) against
+    returned task gradients summed beside a running sum (one parameter copy more at the peak)."""
+    torch.set_num_threads(1)
+    model, episodes = small_maml()
+    problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.4), cross_entropy,
+                             cross_entropy, 2, inner_regularizer=Proximal(1.0))  # fmt: skip
+    phi, estimator = problem.meta_parameters(), Implicit("cg", iterations=3)
+    copy_bytes = sum(p.numel() * p.element_size() for p in phi)
+
+    def summed() -> None:
+        for p in phi:
+            p.grad = None
+        mean_over_tasks(problem, episodes, estimator._task, accumulates=True)
+
+    def returned() -> None:
+        mean_over_tasks(problem, episodes, estimator._task, accumulates=False)
+
+    in_grad, beside = tensor_peak_growth(summed, summed), tensor_peak_growth(returned, returned)
+    assert beside - in_grad >= copy_bytes, (in_grad, beside, copy_bytes)  # measured: exactly one copy less

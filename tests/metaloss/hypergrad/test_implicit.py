@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_unrolled import summed_and_returned
 from torch import nn
 
 from metaloss.errors import ConfigError
@@ -178,3 +179,17 @@ def test_learned_loss_implicit_gradient_equals_an_unroll_to_convergence(family: 
     for got, want in zip(implicit.grads, unrolled.grads):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
     assert max((e - w).abs().max().item() for e, w in zip(short.grads, unrolled.grads)) > 1e-4  # not trivial
+
+
+def test_the_task_loop_summed_in_grad_equals_the_sum_of_returned_gradients_bit_for_bit() -> None:
+    """iMAML with head-only adaptation: the body's phi has a direct and a mixed term (d - m, summed
+    in d's buffer), the head's phi only the proximal term's mixed one (0 - m); both in phi's .grad
+    (`add_into_grad`) against the returned sum, and the caller's .grad given back as they were."""
+    problem = imaml_problem(True, 30)
+    problem = BilevelProblem(problem.model, problem.init, problem.inner_opt, mse, mse, 30, adapt=["2"],
+                             inner_regularizer=Proximal(2.0))  # fmt: skip
+    episodes, estimator = [ridge_data(s) for s in (4, 5, 6)], Implicit("cg", iterations=8)
+    summed, returned = summed_and_returned(problem, episodes, estimator._task)
+    assert len(summed.grads) == 4
+    for a, b in zip(summed.grads, returned.grads):
+        assert a is not None and a.abs().sum() > 0 and torch.equal(a, b)

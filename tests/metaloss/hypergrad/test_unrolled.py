@@ -15,7 +15,7 @@ from metaloss.hypergrad.base import mean_over_tasks
 from metaloss.losses import mse
 from metaloss.meta import HyperparameterOptimizer, LearnedInit, MetaSGD, PerStepSGD
 from metaloss.problem import BilevelProblem
-from metaloss.types import Episode
+from metaloss.types import Episode, HypergradOut
 
 T = 3  # inner steps
 
@@ -247,16 +247,24 @@ def test_the_task_loop_summed_in_grad_equals_the_sum_of_returned_gradients_bit_f
     problem, episodes = make_problem("sgd_learned_lr"), make_episodes(3)
     estimator = Unrolled(mode, truncation=1 if mode == "truncated" else None)
     phi = problem.meta_parameters()
-    callers = [torch.full_like(p, 7.0) for p in phi]
-    for p, g in zip(phi, callers):
-        p.grad = g
-    summed = mean_over_tasks(problem, episodes, estimator._task, accumulates=True)
-    returned = mean_over_tasks(problem, episodes, estimator._task, accumulates=False)
-    assert all(p.grad is g for p, g in zip(phi, callers))
-    assert summed.metrics == returned.metrics
+    summed, returned = summed_and_returned(problem, episodes, estimator._task)
     for a, b in zip(summed.grads, returned.grads):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.equal(a, b)
     # one differentiated step does not reach the initialisation (the learned rate only)
     assert sum(g is None for g in summed.grads) == (len(phi) - 1 if mode == "truncated" else 0)
+
+
+def summed_and_returned(problem: BilevelProblem, episodes: list[Episode], task) -> tuple[HypergradOut, HypergradOut]:
+    """`mean_over_tasks` of `task` summed in .grad and summed from returned gradients; checks that the
+    caller's .grad are given back as they were and that the metrics agree."""
+    phi = problem.meta_parameters()
+    callers = [torch.full_like(p, 7.0) for p in phi]
+    for p, g in zip(phi, callers):
+        p.grad = g
+    summed = mean_over_tasks(problem, episodes, task, accumulates=True)
+    returned = mean_over_tasks(problem, episodes, task, accumulates=False)
+    assert all(p.grad is g for p, g in zip(phi, callers))
+    assert summed.metrics == returned.metrics
+    return summed, returned
