@@ -30,7 +30,9 @@ the environment) everything here is the identity: one rank.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,9 @@ from metaloss.errors import ConfigError
 from metaloss.types import HypergradOut
 
 BACKENDS = ("auto", "gloo", "nccl")
+
+
+_closed_cleanly = False  # set by Distributed.close: this process's job ended well
 
 
 @dataclass
@@ -134,9 +139,25 @@ class Distributed:
         """The end of a run that went well: every rank waits for the others before the group is torn
         down (a rank that tore its connections down while another still finished its last collective
         was seen to abort at exit, SIGABRT from gloo's threads, under load in CI)."""
+        global _closed_cleanly
         if self.enabled and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+            _closed_cleanly = True
+
+
+def exit_closed_job() -> None:
+    """End a process whose process group was closed cleanly (`Distributed.close`) now, exit status 0,
+    without the interpreter's finalisation: there gloo's threads were still seen to abort now and
+    then under load (SIGABRT, "terminate called without an active exception"), failing a run that
+    had finished and written everything. Call it last, once every output is written; stdio and
+    `logging` are flushed first. A no-op in any other process."""
+    if not _closed_cleanly:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def export_slurm_environment() -> bool:

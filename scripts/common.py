@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metaloss.checkpoint import CheckpointError, atomic_write, read_checkpoint
+from metaloss.distributed import exit_closed_job
 from metaloss.errors import ConfigError
 from metaloss.functional import apply_batchnorm_policy
 from metaloss.hypergrad.base import HypergradEstimator
@@ -372,8 +373,11 @@ def one_job(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
 
 
 def exit_after_sweep() -> None:
+    """The end of a script: a non-zero exit if a job of the sweep failed; else a distributed rank
+    whose job ended well exits at once (`metaloss.distributed.exit_closed_job`)."""
     if FAILED_JOBS:
         fail(f"{len(FAILED_JOBS)} job(s) of the sweep failed (see their error lines above)", max(FAILED_JOBS))
+    exit_closed_job()
 
 
 class RunDirectory:
