@@ -62,6 +62,12 @@ run_one() {
     # second seeds of the mixed-alphabet baselines: max-pool alone, and with LSLR (is within-alphabet training worth it?)
     maxpool_seed1) extra=("${maxpool[@]}" seed=1) ;;
     maxpool_lslr_seed1) extra=("${maxpool[@]}" inner_opt=lslr seed=1) ;;
+    # Kao et al. (2022)'s zeroing trick on the final settings: the head starts every task at zero (not phi)
+    maxpool_lslr_within_zerohead) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "init.zeroed=[head]") ;;
+    maxpool_lslr_within_zerohead_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "init.zeroed=[head]" seed=1) ;;
+    # Proto-MAML (Triantafillou et al. 2020) on the final settings: the head starts as the support set's prototype classifier
+    maxpool_lslr_within_protohead) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head) ;;
+    maxpool_lslr_within_protohead_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head seed=1) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"

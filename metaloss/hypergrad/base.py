@@ -145,12 +145,13 @@ def check_batchable(problem: BilevelProblem, episodes: Sequence[Episode]) -> Non
 
 def check_pure_task(problem: BilevelProblem, path: str, remedy: str) -> None:
     """What a task written as a pure function of the episode's tensors needs (`path`: the vmap batch,
-    compiled tasks): an initialisation not drawn per episode, the query-loss meta-objective or the
-    inner losses (not target_params, which reads `episode.meta`), no data-parallel inner loop.
-    `remedy`: the setting that runs the problem another way."""
+    compiled tasks): an initialisation not made per episode (a random draw, Proto-MAML's head), the
+    query-loss meta-objective or the inner losses (not target_params, which reads `episode.meta`), no
+    data-parallel inner loop. `remedy`: the setting that runs the problem another way."""
     if getattr(problem.init, "needs_episode", False) or problem.meta_objective == "target_params":
-        raise ConfigError(f"{path} read only the episodes' tensors: an initialisation drawn per episode and "
-                          f"meta_objective=target_params run task by task ({remedy})")  # fmt: skip
+        raise ConfigError(f"{path} read only the episodes' tensors: an initialisation made per episode (a random "
+                          f"draw, Proto-MAML's head) and meta_objective=target_params run task by task "
+                          f"({remedy})")  # fmt: skip
     if problem.data_parallel is not None and problem.data_parallel.enabled:
         raise ConfigError(f"a data-parallel inner loop is not run as {path} ({remedy})")
 

@@ -1,6 +1,6 @@
 """What is meta-learned. Each object is an ordinary `nn.Module` whose parameters are (part of) phi."""
 
-from metaloss.meta.init import FixedInit, LearnedInit, RandomInit
+from metaloss.meta.init import FixedInit, LearnedInit, PrototypeHeadInit, RandomInit
 from metaloss.meta.loss import ML3Loss, ML3RegressionLoss, NPBMLLoss, TaylorGLOLoss
 from metaloss.meta.optimizer import (
     HyperparameterOptimizer,
@@ -23,6 +23,7 @@ __all__ = [
     "ML3RegressionLoss",
     "NPBMLLoss",
     "Proximal",
+    "PrototypeHeadInit",
     "RandomInit",
     "TaylorGLOLoss",
     "WarpPreconditioner",

@@ -5,12 +5,22 @@ from __future__ import annotations
 import copy
 import threading
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from metaloss.errors import ConfigError
 from metaloss.types import Episode, Params
+
+
+def hold_at_zero(module: nn.Module) -> None:
+    """Zero `module`'s parameters and take them out of phi (requires_grad False): the outer optimizer
+    never moves them."""
+    for p in module.parameters():
+        p.detach().zero_()
+        p.requires_grad_(False)
 
 
 class LearnedInit(nn.Module):
@@ -18,11 +28,23 @@ class LearnedInit(nn.Module):
 
     Wraps the model so that its parameters are meta-parameters; `forward()`
     returns them as a dict, which the inner loop adapts without touching them.
+
+    zeroed: modules (e.g. `["head"]`) whose parameters start every task at zero and are not phi,
+    the "zeroing trick" of Kao et al. (2022, "MAML is a noisy contrastive learner"): with labels
+    permuted per episode a learned head initialisation is noise, and from W = 0, b = 0 one inner SGD
+    step on the mean cross-entropy of a balanced N-way support set gives W_k = lr (c_k - c) / N, with
+    c_k class k's mean feature and c the mean of all: a prototype classifier.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, zeroed: Sequence[str] = ()) -> None:
         super().__init__()
         self.model = model
+        self.zeroed = list(zeroed)
+        modules = dict(model.named_modules())
+        for name in self.zeroed:
+            if name not in modules or not list(modules[name].parameters()):
+                raise ConfigError(f"init.zeroed: the model has no module {name!r} with parameters")
+            hold_at_zero(modules[name])
 
     def forward(self) -> Params:
         return dict(self.model.named_parameters())
@@ -40,6 +62,48 @@ class FixedInit(nn.Module):
 
     def forward(self) -> Params:
         return {name: getattr(self, name.replace(".", "__")) for name in self.names}
+
+
+class PrototypeHeadInit(nn.Module):
+    """Proto-MAML's initialisation (Triantafillou et al. 2020, "Meta-Dataset", sec. 3): the body's
+    w0 is phi, as in MAML; the linear head's w0 is the prototypical network's classifier on the
+    episode's support set (Snell et al. 2017),
+
+        W_k = 2 c_k,   b_k = -||c_k||^2,   c_k = mean of f(x_i; phi) over the support examples of class k,
+
+    so that W f + b = -||f - c_k||^2 + ||f||^2 (squared Euclidean distances up to a term shared by
+    the classes). The prototypes are functions of phi: the meta-gradient flows through them into the
+    body. The model needs `split()` -> (body, head) with a linear head, forward = head(body(x)), and
+    no per-step BatchNorm; its own head is held at zero and is not phi (what `forward()` returns
+    without an episode, for shape checks). The body runs on the support set as the first inner step
+    does (BatchNorm on the support batch)."""
+
+    needs_episode = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        split = getattr(model, "split", None)
+        if split is None or getattr(model, "takes_step", False):
+            raise ConfigError("init=proto_head needs a model with split() (body, head) and no per-step BatchNorm")
+        self.body_name, self.head_name = split()
+        if not isinstance(getattr(model, self.head_name), nn.Linear):
+            raise ConfigError("init=proto_head needs a linear head")
+        self.model = model
+        hold_at_zero(getattr(model, self.head_name))
+
+    def forward(self, episode: Episode | None = None) -> Params:
+        params = dict(self.model.named_parameters())
+        if episode is None:
+            return params
+        if episode.support_y.is_floating_point():
+            raise ConfigError("init=proto_head needs class labels (a classification task), got floating-point targets")
+        head = getattr(self.model, self.head_name)
+        features = getattr(self.model, self.body_name)(episode.support_x)  # [n, D]
+        members = nn.functional.one_hot(episode.support_y, head.out_features).to(features.dtype)  # [n, N]
+        prototypes = members.T @ features / members.sum(0).clamp(min=1).unsqueeze(1)  # [N, D]
+        params[f"{self.head_name}.weight"] = 2 * prototypes
+        params[f"{self.head_name}.bias"] = -(prototypes**2).sum(1)
+        return params
 
 
 _draw_lock = threading.Lock()

@@ -41,6 +41,11 @@ def runs(tmp_path_factory, make_miniimagenet) -> dict[str, Run]:
                               f"test.batch_tasks={batched}"] + lean  # fmt: skip
     plans["maml_float64_compiled"] = TINY + ["algorithm=maml", "dtype=float64", "hypergrad.batched=false",
                                              "hypergrad.compile=true", "hypergrad.compile_backend=aot_eager"] + lean
+    # Proto-MAML's head and Kao et al.'s zeroed head on the mini-ImageNet fixture (classification)
+    for name, init in (("miniimagenet_proto_head", ["init=proto_head"]), ("miniimagenet_zeroed_head",
+                                                                          ["init.zeroed=[head]"])):  # fmt: skip
+        plans[name] = TINY + [f"task.root={mini}", "task=miniimagenet", "task.q_query=1", "model.filters=4",
+                              "train.meta_steps=2", "test.num_tasks=2", "test.steps=[0,1]"] + init + lean  # fmt: skip
     plans["miniimagenet"] = TINY + [
         "task=miniimagenet",
         f"task.root={mini}",
@@ -205,3 +210,23 @@ def test_a_learned_loss_run_is_meta_tested_from_its_checkpoint(runs, tmp_path):
     loaded = load_loss(run.dir / "inner_loss.safetensors").state_dict()
     saved = torch.load(run.dir / "checkpoint.pt", weights_only=True)["meta"]["inner_loss"]
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_a_prototype_head_classifies_by_prototype_before_any_step_and_meta_tests_the_same(runs, tmp_path):
+    """init=proto_head: every fixture image of a class has the same pixels (tests/conftest.py), so the
+    prototypical head is right on every query at step 0, where a zeroed head is at chance (all logits
+    equal); meta_test.py rebuilds the per-episode initialisation from the checkpoint."""
+    from script_runner import META_TEST, run_script
+
+    proto, zeroed = runs["miniimagenet_proto_head"], runs["miniimagenet_zeroed_head"]
+    assert proto.returncode == 0, proto.explain()
+    assert zeroed.returncode == 0, zeroed.explain()
+    assert proto.metrics()["init"] == "proto_head" and proto.metrics()["meta/accuracy_step0"] == 1.0
+    assert zeroed.metrics()["meta/loss_step0"] == pytest.approx(math.log(5), rel=1e-6)  # uniform over 5 ways
+    checkpoint = torch.load(proto.dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert not checkpoint["meta"]["init"]["model.head.weight"].any()  # held at zero, not phi
+    tested = run_script(tmp_path / "test", ["progress=false", "threads=1", "test.num_tasks=2", "test.steps=[0,1]",
+                                            f"checkpoint={proto.dir / 'checkpoint.pt'}"], script=META_TEST)  # fmt: skip
+    assert tested.returncode == 0, tested.explain()
+    for t in (0, 1):
+        assert tested.metrics()[f"loss_step{t}"] == proto.metrics()[f"meta/loss_step{t}"]

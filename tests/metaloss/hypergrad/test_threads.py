@@ -20,7 +20,7 @@ from metaloss.errors import ConfigError
 from metaloss.functional import apply_batchnorm_policy
 from metaloss.hypergrad import CheckpointedUnrolled, Implicit, Unrolled
 from metaloss.hypergrad.threads import pool, resolve_threads
-from metaloss.meta import ML3RegressionLoss, Proximal, RandomInit
+from metaloss.meta import ML3RegressionLoss, PrototypeHeadInit, Proximal, RandomInit
 from metaloss.models import MLP, Conv4
 
 
@@ -102,6 +102,14 @@ def test_conv4_with_batchnorm_affine_meta_parameters_in_float32_and_float64() ->
     problem = dataclasses.replace(problem)  # meta-modules follow the model's dtype
     episodes = [e.to(dtype=torch.float32) for e in episodes]
     assert_identical(*both(lambda t: Unrolled(threads=t), problem, episodes, threads=3))
+
+
+def test_conv4_with_prototype_heads_computed_per_episode() -> None:
+    """Proto-MAML's head (`PrototypeHeadInit`) runs the shared model's body on each task's support set
+    from the worker threads, with phi's graph through the prototypes."""
+    problem, episodes = conv4_problem()
+    problem = dataclasses.replace(problem, init=PrototypeHeadInit(problem.model))
+    assert_identical(*both(lambda t: Unrolled(threads=t), problem, episodes + episodes[::-1]))
 
 
 def test_conv4_with_per_step_batchnorm() -> None:
