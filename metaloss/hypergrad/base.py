@@ -116,13 +116,14 @@ def summed_in_grad(phi: list[Tensor]) -> Iterator[None]:
 
 def add_into_grad(phi: list[Tensor], grads: Sequence[Tensor | None]) -> None:
     """What `summed_in_grad`'s backward does, for a task that computes its gradients by hand (the
-    implicit estimator's d - m): the first task's gradient becomes phi's `.grad` (no copy), later
-    ones are added in place, so that the sum is the same a + b, task by task, as summing returned ones."""
+    implicit estimator's d - m): the first task's gradient becomes phi's `.grad` (no copy unless it is
+    a view or not contiguous, e.g. autograd's expanded gradient of a sum), later ones are added in
+    place, so that the sum is the same a + b, task by task, as summing returned ones."""
     for p, g in zip(phi, grads):
         if g is None:
             continue
         if p.grad is None:
-            p.grad = g
+            p.grad = g if g._base is None and g.is_contiguous() else g.clone()
         else:
             p.grad.add_(g)
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from metaloss.errors import ConfigError
 from metaloss.functional import tree_map, tree_tensors
-from metaloss.hypergrad.base import HypergradEstimator, mean_over_tasks
+from metaloss.hypergrad.base import HypergradEstimator, add_into_grad, mean_over_tasks
 from metaloss.hypergrad.threads import check_threads
 from metaloss.problem import BilevelProblem
 from metaloss.types import Episode, HypergradOut
@@ -42,9 +42,12 @@ class CheckpointedUnrolled(HypergradEstimator):
         self.segment, self.threads = segment, check_threads(threads)
 
     def estimate(self, problem: BilevelProblem, episodes: Sequence[Episode]) -> HypergradOut:
-        return mean_over_tasks(problem, episodes, self._task, self.threads)
+        return mean_over_tasks(problem, episodes, self._task, self.threads, accumulates=True)
 
-    def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
+    def _task(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float,
+              accumulate: bool = False):  # fmt: skip
+        """scale * d L_outer / d phi for one episode, and its metrics; with `accumulate`, added into
+        phi's .grad instead (`add_into_grad`), and None returned."""
         steps = problem.inner_steps
         segment = self.segment or max(1, math.ceil(math.sqrt(steps)))
         w0, frozen = problem.initial_params(episode)
@@ -113,4 +116,7 @@ class CheckpointedUnrolled(HypergradEstimator):
                 adjoint_s = list(pulled[len(params_k) : len(inputs)])
         metrics["checkpoints"] = len(checkpoints)
         metrics["inner_loss_last"] = trajectory[-1]
+        if accumulate:
+            add_into_grad(phi, grads)
+            return None, metrics
         return grads, metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_unrolled import make_episodes, make_problem
+from test_unrolled import make_episodes, make_problem, summed_and_returned
 
 from metaloss.errors import ConfigError
 from metaloss.hypergrad import CheckpointedUnrolled, Unrolled
@@ -61,3 +61,13 @@ def test_trajectory_objective_equals_the_plain_unroll(inner_opt: str, segment: i
     for got, want in zip(out.grads, expected.grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert all(g.abs().max() > 0 for g in out.grads)
+
+
+def test_the_task_loop_summed_in_grad_equals_the_sum_of_returned_gradients_bit_for_bit() -> None:
+    """Each task's segment-by-segment gradient added into phi's .grad (`add_into_grad`) against the
+    sum of returned ones, with the caller's .grad given back."""
+    problem, episodes = make_problem("momentum_learned"), make_episodes(3)
+    summed, returned = summed_and_returned(problem, episodes, CheckpointedUnrolled(segment=2)._task)
+    assert any(g is not None for g in summed.grads)
+    for a, b in zip(summed.grads, returned.grads):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))

@@ -268,3 +268,16 @@ def summed_and_returned(problem: BilevelProblem, episodes: list[Episode], task) 
     assert all(p.grad is g for p, g in zip(phi, callers))
     assert summed.metrics == returned.metrics
     return summed, returned
+
+
+def test_add_into_grad_owns_its_first_gradient_when_it_is_a_view() -> None:
+    """A gradient can arrive as an expanded view (stride 0, as autograd may give for a sum):
+    `add_into_grad` copies it before adding in place; a plain tensor is taken over as it is."""
+    from metaloss.hypergrad.base import add_into_grad
+
+    p, q = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    expanded, plain = torch.ones(1).expand(3), torch.tensor([1.0, 2.0, 3.0])
+    add_into_grad([p, q], [expanded, plain])
+    add_into_grad([p, q], [torch.full((3,), 2.0), torch.ones(3)])
+    assert torch.equal(p.grad, torch.full((3,), 3.0)) and torch.equal(expanded, torch.ones(3))
+    assert q.grad is plain and torch.equal(plain, torch.tensor([2.0, 3.0, 4.0]))
