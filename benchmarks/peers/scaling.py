@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-meta-batch", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--min-steps", type=int, default=1, help="leave out the inner-step points below this")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers_scaling.json"))
     args = parser.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
             case = dataclasses.replace(BASE[model], meta_batch=size, steps=1)
             curves[model]["meta_batch"].append({"x": size, "implementations": point(case, names, args)})
             print(f"{model} meta-batch {size}: {curves[model]['meta_batch'][-1]}", file=sys.stderr)
-        for steps in (s for s in INNER_STEPS if s <= args.max_steps):
+        for steps in (s for s in INNER_STEPS if args.min_steps <= s <= args.max_steps):
             case = dataclasses.replace(BASE[model], meta_batch=STEPS_META_BATCH[model], steps=steps)
             curves[model]["inner_steps"].append({"x": steps, "meta_batch": case.meta_batch,
                                                  "implementations": point(case, names, args)})  # fmt: skip
