@@ -68,6 +68,8 @@ run_one() {
     # Proto-MAML (Triantafillou et al. 2020) on the final settings: the head starts as the support set's prototype classifier
     maxpool_lslr_within_protohead) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head) ;;
     maxpool_lslr_within_protohead_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head seed=1) ;;
+    maxpool_lslr_within_protohead_seed2) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head seed=2) ;;
+    maxpool_lslr_within_seed3) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=3) ;;  # its fourth seed, beside it
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"
