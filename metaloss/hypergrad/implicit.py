@@ -101,6 +101,6 @@ def _difference(p: Tensor, d: Tensor | None, m: Tensor | None) -> Tensor | None:
         return d
     if d is None:
         return torch.zeros_like(p).sub_(m)
-    if d._base is None and d.is_contiguous() and d.shape == m.shape:
+    if d._base is None and d.is_contiguous():
         return d.sub_(m)
     return d - m

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from metaloss.errors import ConfigError
 from metaloss.losses.robust import (
+    class_means,
     cross_entropy,
     entropy,
     focal,
@@ -62,4 +63,5 @@ def get_metric(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return METRICS[name]
 
 
-__all__ = ["LOSSES", "METRICS", "accuracy", "get_loss", "get_metric", "one_hot", "reduce", *sorted(LOSSES)]
+__all__ = ["LOSSES", "METRICS", "accuracy", "class_means", "get_loss", "get_metric", "one_hot", "reduce",
+           *sorted(LOSSES)]

@@ -42,6 +42,11 @@ def one_hot(target: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
     return (target.unsqueeze(-1) == torch.arange(classes, device=target.device)).to(dtype)
 
 
+def class_means(values: Tensor, onehot: Tensor) -> Tensor:
+    """values [n, D], onehot [n, K] -> [K, D]: the mean of each class's rows (zero for a class with none)."""
+    return onehot.T @ values / onehot.sum(0).clamp(min=1).unsqueeze(1)
+
+
 def _log_p_target(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(log softmax [n, K], log p_y [n])."""
     if target.is_floating_point():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from metaloss.errors import ConfigError
+from metaloss.losses import class_means
 from metaloss.types import Episode, Params
 
 
@@ -100,7 +101,7 @@ class PrototypeHeadInit(nn.Module):
         head = getattr(self.model, self.head_name)
         features = getattr(self.model, self.body_name)(episode.support_x)  # [n, D]
         members = nn.functional.one_hot(episode.support_y, head.out_features).to(features.dtype)  # [n, N]
-        prototypes = members.T @ features / members.sum(0).clamp(min=1).unsqueeze(1)  # [N, D]
+        prototypes = class_means(features, members)  # [N, D]
         params[f"{self.head_name}.weight"] = 2 * prototypes
         params[f"{self.head_name}.bias"] = -(prototypes**2).sum(1)
         return params

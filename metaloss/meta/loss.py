@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaloss.errors import ConfigError
-from metaloss.losses import one_hot, reduce
+from metaloss.losses import class_means, one_hot, reduce
 from metaloss.models import MLP
 from metaloss.types import LossContext
 
@@ -180,7 +180,7 @@ class NPBMLLoss(nn.Module):
             if context.predict is None:
                 raise ConfigError("NPBML's transductive term and FiLM need the query predictions (LossContext.predict)")
             query = context.predict(context.episode.query_x)  # [m, K]
-            prototypes = (onehot.T @ logits) / onehot.sum(0).clamp(min=1)[:, None]  # [K, K]: mean logits per class
+            prototypes = class_means(logits, onehot)  # [K, K]: mean logits per class
             relation = F.cosine_similarity(query[:, None, :], prototypes[None, :, :], dim=-1, eps=1e-8)  # [m, K]
             p = query.softmax(-1)
             entropy = -(p * query.log_softmax(-1)).sum(-1)  # [m]
