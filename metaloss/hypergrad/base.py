@@ -86,13 +86,22 @@ def mean_over_tasks(problem: BilevelProblem, episodes: Sequence[Episode], task: 
     with summed_in_grad(phi) if in_grad else contextlib.nullcontext():
         for task_grads, metrics in results:
             if task_grads is not None:
-                grads = [t if g is None else (g if t is None else g + t) for g, t in zip(grads, task_grads)]
+                grads = sum_gradients(grads, task_grads)
             for k, value in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(value)
         if in_grad:
             grads = [p.grad for p in phi]
     means = {k: v / len(episodes) for k, v in sums.items()}
     return HypergradOut(grads=grads, outer_loss=means["loss"], metrics=means)
+
+
+def sum_gradients(grads: Sequence[Tensor | None], more: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """grads + more elementwise, new tensors (None: not reached, the other kept). Where both lists are
+    full, one multi-tensor kernel (`torch._foreach_add`): the same sums, one launch instead of one
+    per meta-parameter (a compiled task's sum was a visible share of its time)."""
+    if all(g is not None for g in grads) and all(t is not None for t in more):
+        return list(torch._foreach_add(list(grads), list(more)))  # type: ignore[arg-type]
+    return [t if g is None else (g if t is None else g + t) for g, t in zip(grads, more)]
 
 
 @contextlib.contextmanager

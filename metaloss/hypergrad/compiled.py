@@ -21,7 +21,10 @@ than dynamo's `recompile_limit` (8) are refused. On a CPU, Inductor's layout opt
 turns convolution graphs channels-last) is off (`CPU_INDUCTOR_OPTIONS`): with it, one task's small
 batches paid a layout conversion around the convolutions, and without it the same compiled tasks
 took 0.94x to 1.00x the time side by side, compiled in 0.6x to 0.9x the time (MAML, FOMAML, ANIL,
-Meta-SGD on the peers' Conv-4, benchmarks/peers/compile_layout.py).
+Meta-SGD on the peers' Conv-4, benchmarks/peers/compile_layout.py). Inductor's C++ wrapper
+(`cpp_wrapper`) launches the kernels from C++ instead of generated Python: one-step tasks on that
+Conv-4 took 0.91x to 0.96x the time with it in the loop, and 0.72x to 0.76x in threads, whose
+kernel launches no longer take turns on the GIL (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from metaloss.problem import BilevelProblem
 from metaloss.types import Episode
 
 BACKENDS = ("inductor", "aot_eager")  # aot_eager: the same tracing without code generation (fast; for tests)
-CPU_INDUCTOR_OPTIONS = {"layout_optimization": False}  # keep the tasks' NCHW layout (module docstring)
+CPU_INDUCTOR_OPTIONS = {"layout_optimization": False, "cpp_wrapper": True}  # NCHW; C++ wrapper (module docstring)
 
 
 def check_compilable(problem: BilevelProblem) -> None:
@@ -117,18 +120,21 @@ class CompiledTask:
                     torch.set_num_threads(threads)
                 self.shapes.add(shape)
 
-    def run(self, episode: Episode) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """The unscaled meta-gradient of one episode (zeros where phi is not reached) and its metrics."""
+    def run(self, episode: Episode, phi: list[Tensor] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """The unscaled meta-gradient of one episode (zeros where phi is not reached) and its metrics.
+        phi: the problem's meta-parameters (read from the problem if not given)."""
         assert self.problem is not None and self.fn is not None, "prepare() first"
-        phi = [p.detach() for p in self.problem.meta_parameters()]
+        phi = [p.detach() for p in (self.problem.meta_parameters() if phi is None else phi)]
         grads, (_, metrics) = self.fn(phi, episode.support_x, episode.support_y, episode.query_x, episode.query_y)
         return list(grads), metrics
 
     def __call__(self, problem: BilevelProblem, episode: Episode, phi: list[Tensor], scale: float):
         """scale * d L_outer / d phi for one episode (None where phi is not reached), and its metrics.
-        `problem` and `phi` must be those given to `prepare` (they are not re-read)."""
-        grads, metrics = self.run(episode)
-        return [g * scale if reached else None for g, reached in zip(grads, self.reached)], metrics
+        `problem` must be the one given to `prepare`. The scaling is one multi-tensor kernel in place
+        on the compiled function's fresh outputs: the same products as `g * scale`, fewer launches."""
+        grads, metrics = self.run(episode, phi)
+        torch._foreach_mul_(grads, scale)
+        return [g if reached else None for g, reached in zip(grads, self.reached)], metrics
 
 
 def episode_shape(episode: Episode) -> tuple:

@@ -18,7 +18,8 @@ batched="auto" decides per meta-batch by the measured rule of `batching_pays`, a
 loop for good (with a warning) where vmap refuses an operation of the problem.
 compile=True computes each task that is not batched (in the loop, or in threads=N) by one
 `torch.compile`d pure function (`metaloss.hypergrad.compiled`): the same hypergradient, faster per
-task once compiled, at a compile time paid once per episode shape; threads="auto" then means the loop.
+task once compiled, at a compile time paid once per episode shape; threads="auto" chooses as for
+uncompiled tasks (compiled tasks in threads were the fastest path on 2 cores, benchmarks/peers).
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ class Unrolled(HypergradEstimator):
                 warnings.warn(f"hypergrad.batched=auto: the tasks run one by one, vmap refused the problem: "
                               f"{str(err).splitlines()[0][:200]}", stacklevel=2)  # fmt: skip
         if self.compiled is not None:  # compiled for the workers' one intra-op thread, or the caller's count
-            # threads="auto" runs compiled tasks in the loop: their fused kernels use the intra-op threads
-            # well (measured faster than compiled tasks in threads, benchmarks/peers: 0.81 against 1.00 s)
-            workers = 1 if self.threads == "auto" else \
-                resolve_threads(self.threads, problem.model, len(episodes), first_device(problem.meta_parameters()))
+            # threads="auto" as for uncompiled tasks: with Inductor's C++ wrapper, compiled tasks in threads took
+            # 0.59x to 1.06x the compiled loop's time on 2 cores, faster in 15 of 17 runs (benchmarks/README.md)
+            device = first_device(problem.meta_parameters())
+            workers = resolve_threads(self.threads, problem.model, len(episodes), device)
             self.compiled.prepare(problem, episodes, 1 if workers > 1 else torch.get_num_threads())
             return mean_over_tasks(problem, episodes, self.compiled, workers, local_models=False)
         return mean_over_tasks(problem, episodes, self._task, self.threads, accumulates=True)

@@ -53,7 +53,8 @@ def test_inductor_kernels_give_the_loops_hypergradient() -> None:
 
 def test_inductor_convolutions_in_nchw_layout_give_the_loops_hypergradient() -> None:
     """The path that `CPU_INDUCTOR_OPTIONS` changes: Inductor's convolution kernels without its
-    channels-last layout, on a small conv net with transductive BatchNorm (affine meta-parameters)."""
+    channels-last layout, launched from its C++ wrapper, on a small conv net with transductive
+    BatchNorm (affine meta-parameters)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
                                 torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(75, 3))  # fmt: skip
@@ -61,8 +62,10 @@ def test_inductor_convolutions_in_nchw_layout_give_the_loops_hypergradient() -> 
     problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.2), cross_entropy,
                              cross_entropy, 1)  # fmt: skip
     _, episodes = conv4_problem()  # 3-way 1-shot, 12x12 single-channel images
-    assert CPU_INDUCTOR_OPTIONS["layout_optimization"] is False
+    assert CPU_INDUCTOR_OPTIONS == {"layout_optimization": False, "cpp_wrapper": True}
     assert_same(*both(problem, episodes, backend="inductor"))
+    # the same kernels called from two worker threads at once (what threads=auto runs on a CPU)
+    assert_same(*both(problem, episodes, backend="inductor", threads=2))
 
 
 def test_truncation_leaves_the_initialisation_unreached_as_the_loop_does() -> None:
@@ -135,11 +138,14 @@ def test_tasks_in_threads_run_the_graph_compiled_for_one_intra_op_thread() -> No
     assert torch.get_num_threads() == 2
 
 
-def test_threads_auto_runs_compiled_tasks_in_the_loop(monkeypatch) -> None:
-    torch.set_num_threads(2)  # auto would start two workers for a convnet's uncompiled tasks
+def test_threads_auto_runs_compiled_tasks_as_it_runs_uncompiled_ones(monkeypatch) -> None:
+    """auto: one worker per intra-op thread for a convnet on a CPU, the loop for an MLP (`resolve_threads`)."""
+    torch.set_num_threads(2)
     problem, episodes = conv4_problem("batch")
+    mlp_problem, mlp_episodes = make_problem("sgd"), make_episodes(2)
     calls = []
     monkeypatch.setattr(unrolled, "mean_over_tasks", lambda *args, **kwargs: calls.append(args[3]))
     Unrolled(compile=True, compile_backend="aot_eager", threads="auto").estimate(problem, episodes)
-    Unrolled(compile=True, compile_backend="aot_eager", threads=2).estimate(problem, episodes)
-    assert calls == [1, 2]
+    Unrolled(compile=True, compile_backend="aot_eager", threads=1).estimate(problem, episodes)
+    Unrolled(compile=True, compile_backend="aot_eager", threads="auto").estimate(mlp_problem, mlp_episodes)
+    assert calls == [2, 1, 1]

@@ -281,3 +281,20 @@ def test_add_into_grad_owns_its_first_gradient_when_it_is_a_view() -> None:
     add_into_grad([p, q], [torch.full((3,), 2.0), torch.ones(3)])
     assert torch.equal(p.grad, torch.full((3,), 3.0)) and torch.equal(expanded, torch.ones(3))
     assert q.grad is plain and torch.equal(plain, torch.tensor([2.0, 3.0, 4.0]))
+
+
+def test_sum_gradients_gives_the_elementwise_sums_bit_for_bit_and_keeps_the_unreached() -> None:
+    """The task loop's running sum: one multi-tensor kernel where both lists are full, the same values
+    as `a + b` per meta-parameter (float32 rounding included); None where neither side is reached,
+    the other side where one is; the inputs are left as they were (expanded views included)."""
+    from metaloss.hypergrad.base import sum_gradients
+
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3), torch.randn(7), torch.ones(1).expand(4)]
+    b = [torch.randn(5, 3), torch.randn(7), torch.randn(4)]
+    copies = [t.clone() for t in a + b]
+    full = sum_gradients(a, b)
+    assert all(torch.equal(s, x + y) for s, x, y in zip(full, a, b))
+    assert all(torch.equal(t, c) for t, c in zip(a + b, copies))
+    mixed = sum_gradients([None, a[1], None], [b[0], b[1], None])
+    assert mixed[0] is b[0] and torch.equal(mixed[1], a[1] + b[1]) and mixed[2] is None
