@@ -65,6 +65,9 @@ run_one() {
     # Kao et al. (2022)'s zeroing trick on the final settings: the head starts every task at zero (not phi)
     maxpool_lslr_within_zerohead) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "init.zeroed=[head]") ;;
     maxpool_lslr_within_zerohead_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "init.zeroed=[head]" seed=1) ;;
+    # ... with two training inner steps (one step cannot adapt the body from W = 0; Kao et al. train with several)
+    maxpool_lslr_within_zerohead_2steps) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "init.zeroed=[head]" problem.inner_steps=2) ;;
+    maxpool_lslr_within_zerohead_2steps_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "init.zeroed=[head]" problem.inner_steps=2 seed=1) ;;
     # Proto-MAML (Triantafillou et al. 2020) on the final settings: the head starts as the support set's prototype classifier
     maxpool_lslr_within_protohead) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head) ;;
     maxpool_lslr_within_protohead_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head seed=1) ;;

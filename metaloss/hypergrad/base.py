@@ -99,7 +99,7 @@ def sum_gradients(grads: Sequence[Tensor | None], more: Sequence[Tensor | None])
     """grads + more elementwise, new tensors (None: not reached, the other kept). Where both lists are
     full, one multi-tensor kernel (`torch._foreach_add`): the same sums, one launch instead of one
     per meta-parameter (a compiled task's sum was a visible share of its time)."""
-    if all(g is not None for g in grads) and all(t is not None for t in more):
+    if grads and all(g is not None for g in grads) and all(t is not None for t in more):
         return list(torch._foreach_add(list(grads), list(more)))  # type: ignore[arg-type]
     return [t if g is None else (g if t is None else g + t) for g, t in zip(grads, more)]
 

@@ -298,3 +298,4 @@ def test_sum_gradients_gives_the_elementwise_sums_bit_for_bit_and_keeps_the_unre
     assert all(torch.equal(t, c) for t, c in zip(a + b, copies))
     mixed = sum_gradients([None, a[1], None], [b[0], b[1], None])
     assert mixed[0] is b[0] and torch.equal(mixed[1], a[1] + b[1]) and mixed[2] is None
+    assert sum_gradients([], []) == []  # no meta-parameters: no multi-tensor kernel (it refuses empty lists)
