@@ -12,12 +12,18 @@
 #     task=omniglot_lake task.root=<folder with all_runs.zip> test.steps=[10]
 #
 #   STEPS=1500 THREADS=1 bash benchmarks/omniglot_lake/final.sh
+#
+# Further Hydra overrides go after the script, with NAME for a run folder of its own, e.g. the
+# prototype head measured beside the kept checkpoint on the official runs:
+#   STEPS=2000 NAME=final_all_protohead bash benchmarks/omniglot_lake/final.sh init=proto_head
+# (summarize.py keeps only the final_all run's checkpoint; evaluate another run's checkpoint.pt
+# directly with meta_test.py as above.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${STEPS:-1500} threads=${THREADS:-1}
-dir=benchmarks/runs/omniglot_lake/final_all
+steps=${STEPS:-1500} threads=${THREADS:-1} name=${NAME:-final_all}
+dir=benchmarks/runs/omniglot_lake/${name}
 mkdir -p benchmarks/runs/omniglot_lake
 python scripts/meta_train.py experiment=omniglot_minimal_20way model.pool=max model.global_pool=false \
   inner_opt=lslr task.train_within_alphabet=true \
   "task.val_alphabets=[]" "task.test_alphabets=[]" train.validate_every=0 "train.meta_steps=${steps}" \
-  train.checkpoint_every=100 "threads=${threads}" progress=false "hydra.run.dir=${dir}" > "${dir}.log" 2>&1
+  train.checkpoint_every=100 "threads=${threads}" progress=false "hydra.run.dir=${dir}" "$@" > "${dir}.log" 2>&1
