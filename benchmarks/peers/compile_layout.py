@@ -86,6 +86,8 @@ def main() -> None:
         parser.error("need --rounds >= 2 and --threads >= 1")
     if sum(VARIANTS[v][1] is not None for v in args.variants) < 2 or len(set(args.variants)) < len(args.variants):
         parser.error("--variants: name at least two compiled variants, each once")
+    if args.variants[0] != "loop":
+        parser.error("--variants: start with loop (the reference of the gradient differences)")
     if any(CASES[c].algorithm == "imaml" or CASES[c].model != "conv4" for c in args.cases):
         parser.error("the options concern the Conv-4 cases of the unrolled estimator")
     torch.set_num_threads(args.threads)

@@ -133,11 +133,9 @@ class CompiledTask:
         `problem` must be the one given to `prepare`. The scaling is one multi-tensor kernel in place
         on the compiled function's fresh outputs: the same products as `g * scale`, fewer launches."""
         grads, metrics = self.run(episode, phi)
-        scaled = [g if reached else None for g, reached in zip(grads, self.reached)]
-        reached = [g for g in scaled if g is not None]
-        if reached:  # a multi-tensor kernel refuses an empty list
-            torch._foreach_mul_(reached, scale)
-        return scaled, metrics
+        if any(self.reached):  # a multi-tensor kernel refuses an empty list
+            torch._foreach_mul_([g for g, reached in zip(grads, self.reached) if reached], scale)
+        return [g if reached else None for g, reached in zip(grads, self.reached)], metrics
 
 
 def episode_shape(episode: Episode) -> tuple:

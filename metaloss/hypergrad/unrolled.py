@@ -93,7 +93,7 @@ class Unrolled(HypergradEstimator):
                               f"{str(err).splitlines()[0][:200]}", stacklevel=2)  # fmt: skip
         if self.compiled is not None:  # compiled for the workers' one intra-op thread, or the caller's count
             # threads="auto" as for uncompiled tasks: with Inductor's C++ wrapper, compiled tasks in threads took
-            # 0.59x to 1.06x the compiled loop's time on 2 cores, faster in 15 of 17 runs (benchmarks/README.md)
+            # 0.59x to 1.06x the compiled loop's time on 2 cores, faster in 15 of 17 comparisons (benchmarks/README.md)
             device = first_device(problem.meta_parameters())
             workers = resolve_threads(self.threads, problem.model, len(episodes), device)
             self.compiled.prepare(problem, episodes, 1 if workers > 1 else torch.get_num_threads())
