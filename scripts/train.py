@@ -1,4 +1,5 @@
-"""Ordinary training (no meta-learning) of an MLP classifier with a chosen or a learned loss:
+"""Ordinary training (no meta-learning) of an MLP classifier with a chosen or a learned loss (image
+data, e.g. `data=cifar10`, is flattened to vectors):
 
     python scripts/train.py data=mnist1d loss=poly1
     python scripts/train.py data=fashion_mnist loss=learned loss.path=outputs/.../inner_loss.safetensors
@@ -53,10 +54,11 @@ def main(cfg: DictConfig) -> None:
         torch.manual_seed(settings.seed)
         data = instantiate(cfg.data)
         loss = instantiate(cfg.loss)
+        x_train, x_test = data.x_train.flatten(1), data.x_test.flatten(1)  # images [N, C, H, W] -> [N, C*H*W]
         model = MLP(data.in_features, settings.model.hidden, data.n_classes).to(settings.device)
         problem = TrainingProblem(model, loss)
         optimizer = torch.optim.SGD(problem.meta_parameters(), lr=t.lr, momentum=t.momentum)
-        sampler = MinibatchSampler(data.x_train, data.y_train, t.batch_size, settings.seed)
+        sampler = MinibatchSampler(x_train, data.y_train, t.batch_size, settings.seed)
         trainer = MetaTrainer(problem, MinibatchGradient(), optimizer, sampler, device=settings.device,
                               max_bad_steps=t.max_bad_steps)  # type: ignore[arg-type]  # fmt: skip
         directory.open(trainer, t.steps, unit="step")
@@ -64,9 +66,8 @@ def main(cfg: DictConfig) -> None:
             logger = TensorBoardLogger(run_dir / "tensorboard", purge_step=directory.resumed_from)
     directory.train(trainer, t.steps, logger, "lower train.lr", log_every=t.log_every, progress=settings.progress,
                     checkpoint_every=t.checkpoint_every)  # fmt: skip
-    x_test, y_test = data.x_test.to(settings.device), data.y_test.to(settings.device)
-    test = evaluate_classifier(model, x_test, y_test)
-    train = evaluate_classifier(model, data.x_train.to(settings.device), data.y_train.to(settings.device))
+    test = evaluate_classifier(model, x_test.to(settings.device), data.y_test.to(settings.device))
+    train = evaluate_classifier(model, x_train.to(settings.device), data.y_train.to(settings.device))
     logger.log(t.steps, test, prefix="test/")
     logger.close()
     metrics = {

@@ -73,6 +73,8 @@ run_one() {
     maxpool_lslr_within_protohead_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head seed=1) ;;
     maxpool_lslr_within_protohead_seed2) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true init=proto_head seed=2) ;;
     maxpool_lslr_within_seed3) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=3) ;;  # its fourth seed, beside it
+    # a larger input (42 x 42 instead of 28 x 28; Lake's images are 105 x 105): finer strokes reach the Conv-4
+    maxpool_lslr_within_42px) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true task.image_size=42 model.image_size=42) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"

@@ -1,6 +1,6 @@
 """scripts/train.py, ordinary training with a chosen or a learned loss, end to end in subprocesses:
-it learns MNIST-1D, reads Fashion-MNIST's idx files, takes a learned loss file, resumes a killed run
-bitwise, and refuses a loss it cannot use in one line."""
+it learns MNIST-1D, reads Fashion-MNIST's idx files, flattens CIFAR-10's images, takes a learned loss
+file, resumes a killed run bitwise, and refuses a loss it cannot use in one line."""
 
 from __future__ import annotations
 
@@ -63,6 +63,18 @@ def test_fashion_mnist_idx_files_and_a_learned_loss_file(files, tmp_path):
     metrics = run.metrics()
     assert (metrics["data"], metrics["loss"], metrics["steps"]) == ("fashion_mnist", "learned", 20)
     assert 0 <= metrics["test_accuracy"] <= 1 and round(metrics["test_accuracy"] * 50, 6).is_integer()
+
+
+def test_cifar10_images_are_flattened_for_the_mlp(tmp_path, make_cifar10):
+    make_cifar10(tmp_path / "cifar")  # official python layout, 20 test images of shape [3, 32, 32]
+    overrides = [*BASE, "data=cifar10", f"data.root={tmp_path / 'cifar'}", "train.steps=5", "train.batch_size=10"]
+    run = run_script(tmp_path / "run", overrides, script=TRAIN)
+    assert run.returncode == 0, run.explain()
+    metrics = run.metrics()
+    assert (metrics["data"], metrics["steps"]) == ("cifar10", 5)
+    assert 0 <= metrics["test_accuracy"] <= 1 and round(metrics["test_accuracy"] * 20, 6).is_integer()
+    model = torch.load(run.dir / "checkpoint.pt", weights_only=True)["meta"]["model"]
+    assert model["body.0.weight"].shape[1] == 3 * 32 * 32
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
