@@ -88,9 +88,12 @@ def main(cfg: DictConfig) -> None:
             with torch.no_grad():
                 problem.predict(problem.init(), first.support_x[:1])
         except RuntimeError as err:  # e.g. a sinusoid MLP given 28 x 28 images
+            trained_size, size = trained.task.get("image_size"), task_node.get("image_size")
+            hint = (f"; it was trained on task.image_size={trained_size}: set task.image_size={trained_size}"
+                    if trained_size is not None and size is not None and trained_size != size else "")  # fmt: skip
             raise ConfigError(
                 f"the checkpoint's model ({state.get('choices', {}).get('model', '?')}) cannot take this task's inputs "
-                f"of shape {list(first.support_x.shape[1:])}: {str(err).strip().splitlines()[0][:160]}"
+                f"of shape {list(first.support_x.shape[1:])}: {str(err).strip().splitlines()[0][:160]}{hint}"
             ) from None
         if splits.metric == "accuracy":
             with torch.no_grad():

@@ -60,6 +60,10 @@ def evaluations(trained) -> dict[str, Run]:
         "lake_per_step": MT
         + [f"checkpoint={trained['runs']['omniglot_per_step'].dir / 'checkpoint.pt'}", "task=omniglot_lake"]
         + [f"task.root={trained['lake']}", "task.n_way=3", "test.steps=[0,1,10]"],
+        # the max-pool Conv-4 without global pooling has a head for 28 x 28 inputs only
+        "lake_other_image_size": MT
+        + [f"checkpoint={trained['runs']['omniglot_per_step'].dir / 'checkpoint.pt'}", "task=omniglot_lake"]
+        + [f"task.root={trained['lake']}", "task.n_way=3", "task.image_size=42"],
         "missing": MT + [f"checkpoint={trained['base']}/nope.pt"],
         "not_a_checkpoint": MT + [f"checkpoint={trained['mini']}/mini-imagenet-cache-test.pkl"],
         "wrong_way": MT
@@ -127,6 +131,7 @@ def test_lake_one_shot_runs_report_the_error_rate_over_all_runs(evaluations) -> 
         ("missing", "checkpoint not found"),
         ("not_a_checkpoint", "is not a readable checkpoint"),
         ("wrong_way", "has 5 outputs but the task is 3-way"),
+        ("lake_other_image_size", "trained on task.image_size=28: set task.image_size=28"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(evaluations, name: str, fragment: str) -> None:
