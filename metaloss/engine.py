@@ -330,16 +330,18 @@ def evaluate(
         return [sampler.episode(i).to(device, dtype) for i in range(first, min(first + count, stop))]
 
     start, stop = distributed.shard(num_tasks)
-    size = batch_tasks
-    if batch_tasks == "auto":
-        pays = model_batches_well(problem.model) and batching_pays(problem, episodes_from(start, AUTO_BATCH_TASKS))
-        size = AUTO_BATCH_TASKS if pays else 1  # (the model first: a convnet needs no probe episodes)
+    size, probe = batch_tasks, []
+    if batch_tasks == "auto" and model_batches_well(problem.model):  # (a convnet needs no probe episodes)
+        probe = episodes_from(start, AUTO_BATCH_TASKS)  # the first batch, if batching pays
+        size = AUTO_BATCH_TASKS if batching_pays(problem, probe) else 1
+    elif batch_tasks == "auto":
+        size = 1
     workers = resolve_threads(threads, problem.model, stop - start, torch.device(device)) if size == 1 else 1
     bar = tqdm(total=stop - start, desc=desc, disable=not progress, dynamic_ncols=True)
     first = start
     while first < stop:
         if size > 1:
-            episodes = episodes_from(first, size)
+            episodes, probe = probe or episodes_from(first, size), []  # the probe's episodes are the first batch
             try:
                 rows += _evaluate_batch(problem, episodes, wanted)
                 first += len(episodes)

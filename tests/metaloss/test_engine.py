@@ -88,14 +88,23 @@ def test_evaluate_with_tasks_in_threads_gives_the_numbers_of_the_loop_bit_for_bi
 
 def test_evaluate_auto_batches_what_vmap_takes_and_falls_back_to_the_loop_where_it_does_not() -> None:
     """batch_tasks="auto": 32 tasks at once for an MLP (the same numbers as the loop, float64, 40 tasks:
-    a ragged last batch); a loss with data-dependent control flow is refused by vmap, so auto warns
-    and adapts one task at a time, again with the loop's numbers; an explicit batch size raises."""
+    a ragged last batch; each episode drawn once, the probe's episodes being the first batch); a loss
+    with data-dependent control flow is refused by vmap, so auto warns and adapts one task at a time,
+    again with the loop's numbers; an explicit batch size raises."""
+
+    class CountingSampler(SinusoidSampler):
+        def episode(self, index: int):
+            drawn.append(index)
+            return super().episode(index)
+
     torch.manual_seed(0)
     model = MLP(1, (8, 8), 1).double()
     problem = BilevelProblem(model, LearnedInit(model), HyperparameterOptimizer("sgd", lr=0.05), mse, mse, 1)
-    sampler = SinusoidSampler(seed=3, split="test")
+    sampler, drawn = CountingSampler(seed=3, split="test"), []
     loop = evaluate(problem, sampler, 40, steps=(0, 2), dtype=torch.float64)
+    drawn.clear()
     auto = evaluate(problem, sampler, 40, steps=(0, 2), dtype=torch.float64, batch_tasks="auto")
+    assert drawn == list(range(40))
     for k in loop:
         assert auto[k] == pytest.approx(loop[k], rel=1e-12, abs=1e-14), k
 
