@@ -32,6 +32,12 @@ implementation's meta-gradient on one meta-batch at the initial phi, against met
 first call (`first_call_s`: a compiled
 implementation compiles in it).
 
+On a GPU (`--device cuda`): the same, every model and episode on the GPU, each timed meta-step
+ended by `torch.cuda.synchronize()`, and memory from CUDA's allocator in this process instead of
+fresh processes (`peak_growth_mb`: `max_memory_allocated` over warm-up + 1 meta-steps, minus what
+was allocated before them; `tensor_peak_mb` is None). Tasks in CPU threads are left out there
+(`hypergrad.threads` is for CPU tensors). `benchmarks/peers/gpu.sh` is the whole run on a lent GPU.
+
 Cases: MAML on a Conv-4 (32 filters, max-pool, transductive BatchNorm, 28x28x1), 5-way 1-shot
 15-query, meta-batch 32, inner SGD lr 0.4: 1 and 5 steps second order, 1 step first order; ANIL
 (head-only adaptation) and Meta-SGD on the same; the default sinusoid job (MLP 1-40-40-1,
@@ -119,17 +125,18 @@ PROXIMAL, CG_ITERATIONS = 2.0, 5  # iMAML: lambda of the proximal term, conjugat
 # data and models
 
 
-def make_model(case: Case, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
+def make_model(case: Case, seed: int, device: str = "cpu") -> nn.Module:
+    torch.manual_seed(seed)  # initialised on the CPU whatever the device: the same weights everywhere
     if case.model == "sinusoid":
-        return MLP(1, [40, 40], 1)
+        return MLP(1, [40, 40], 1).to(device)
     return apply_batchnorm_policy(Conv4(n_classes=5, in_channels=1, filters=32, image_size=28, pool="max"),
-                                  "transductive")  # fmt: skip
+                                  "transductive").to(device)  # fmt: skip
 
 
-def meta_batches(case: Case, count: int, seed: int) -> list[list[Episode]]:
+def meta_batches(case: Case, count: int, seed: int, device: str = "cpu") -> list[list[Episode]]:
     """`count` meta-batches: random 28x28 'images' of 5 classes (1 support + 15 queries each), or
-    sinusoid regression tasks (amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5])."""
+    sinusoid regression tasks (amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5]); drawn on the
+    CPU, then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
@@ -143,7 +150,7 @@ def meta_batches(case: Case, count: int, seed: int) -> list[list[Episode]]:
                 y, yq = torch.arange(5), torch.arange(5).repeat_interleave(15)
                 batch.append(Episode(torch.rand(5, 1, 28, 28, generator=g), y,
                                      torch.rand(75, 1, 28, 28, generator=g), yq))  # fmt: skip
-        out.append(batch)
+        out.append([episode.to(device) for episode in batch])
     return out
 
 
@@ -153,8 +160,8 @@ def meta_batches(case: Case, count: int, seed: int) -> list[list[Episode]]:
 
 
 class Implementation:
-    def __init__(self, case: Case, seed: int) -> None:
-        self.case, self.model = case, make_model(case, seed)
+    def __init__(self, case: Case, seed: int, device: str = "cpu") -> None:
+        self.case, self.model = case, make_model(case, seed, device)
         self.lrs = [torch.full_like(p, case.inner_lr, requires_grad=True) for p in self.model.parameters()] \
             if case.algorithm == "metasgd" else []  # fmt: skip
 
@@ -387,10 +394,29 @@ CLASSES: dict[str, type[Implementation]] = {
 }  # fmt: skip
 
 
-def build(case: Case, name: str, seed: int) -> Implementation:
-    impl = CLASSES[name](case, seed)
+def build(case: Case, name: str, seed: int, device: str = "cpu") -> Implementation:
+    impl = CLASSES[name](case, seed, device)
     impl.setup()
     return impl
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued kernels (a timed step ends when its work has, not when it was queued)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_peak_growth(impl: Implementation, batches: Sequence[Sequence[Episode]], device: str) -> dict[str, float]:
+    """On a GPU: the peak of CUDA's allocator over one meta-step per batch, minus what it held before
+    them, in MB (exact, in this process: the allocator's statistics are reset, no fresh process needed)."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    for batch in batches:
+        impl.step(batch)
+    synchronize(device)
+    return {"peak_growth_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
+            "allocated_before_mb": before / 2**20, "tensor_peak_mb": None}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,36 +470,45 @@ def memory(case: Case, impl_name: str, args: argparse.Namespace) -> dict[str, fl
 
 
 def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
-    case = CASES[case_name]
-    names = [n for n in IMPLEMENTATIONS[case.algorithm] if n not in args.skip]
+    case, device = CASES[case_name], args.device
+    gpu = torch.device(device).type != "cpu"
+    names = [n for n in IMPLEMENTATIONS[case.algorithm] if n not in args.skip and not (gpu and "threads" in n)]
+    if args.memory_only and gpu:
+        raise SystemExit("--memory-only measures fresh CPU processes; on a GPU memory is measured with the timing")
     if args.memory_only:
         rows = {n: rounded(memory(case, n, args)) for n in names}
         return {"case": case_name, "setting": case.__dict__, "implementations": rows,
                 "metaloss_task_loop_memory_over_lowest_peer": memory_ratio(rows, "metaloss", names),
                 "metaloss_task_loop_tensor_peak_over_lowest_peer":
                     tensor_memory_ratio(rows, "metaloss", names)}  # fmt: skip
-    impls = {n: build(case, n, args.seed) for n in names}
+    impls = {n: build(case, n, args.seed, device) for n in names}
 
-    probe = meta_batches(case, 1, args.seed)[0]  # gradients at the initial phi, before any step
-    exact = float64_gradient(case, args.seed, probe)
+    probe = meta_batches(case, 1, args.seed, device)[0]  # gradients at the initial phi, before any step
+    exact = float64_gradient(case, args.seed, probe, device)
     difference, error, first_call = {}, {}, {}
     assert names[0] == "metaloss"  # the reference, computed first
     for n, impl in impls.items():  # the first call of a compiled implementation compiles
+        synchronize(device)
         started = time.perf_counter()
         gradient = impl.gradient(probe)
+        synchronize(device)
         first_call[n] = time.perf_counter() - started
         if n == "metaloss":
             reference, scale = gradient, gradient.abs().max().item()
         difference[n] = (gradient - reference).abs().max().item() / scale
         error[n] = (gradient.double() - exact).abs().max().item() / exact.abs().max().item()
 
-    seconds = round_robin(impls, meta_batches(case, args.warmup + args.repeats, args.seed + 1), args.warmup)
+    seconds = round_robin(impls, meta_batches(case, args.warmup + args.repeats, args.seed + 1, device), args.warmup,
+                          device)  # fmt: skip
     rows = {}
     for n in names:
         rows[n] = {"median_s": round(statistics.median(seconds[n]), 4), "min_s": round(min(seconds[n]), 4),
                    "grad_max_rel_difference": difference[n], "grad_max_rel_error_vs_float64": error[n],
                    "first_call_s": round(first_call[n], 2)}  # fmt: skip
-        if not args.no_memory:
+        if not args.no_memory and gpu:
+            batches = meta_batches(case, args.warmup + 1, args.seed + 2, device)
+            rows[n].update(rounded(cuda_peak_growth(impls[n], batches, device)))
+        elif not args.no_memory:
             rows[n].update(rounded(memory(case, n, args)))
         print(f"{case_name} {n}: {rows[n]}", file=sys.stderr)
     fastest_peer = min((n for n in names if not n.startswith("metaloss")), key=lambda n: rows[n]["median_s"])
@@ -481,7 +516,7 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
     problem = impls["metaloss"].problem
     if batching_pays(problem, probe) and case.algorithm != "imaml":
         auto = "metaloss_batched"
-    elif resolve_threads("auto", problem.model, len(probe), torch.device("cpu")) > 1 and "metaloss_threads" in names:
+    elif resolve_threads("auto", problem.model, len(probe), torch.device(device)) > 1 and "metaloss_threads" in names:
         auto = "metaloss_threads"
     else:
         auto = "metaloss"
@@ -503,24 +538,26 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
 
 
 def round_robin(impls: dict[str, Implementation], batches: Sequence[Sequence[Episode]],
-                warmup: int) -> dict[str, list[float]]:  # fmt: skip
+                warmup: int, device: str = "cpu") -> dict[str, list[float]]:  # fmt: skip
     """Seconds of each implementation's meta-step on `batches[r]` in round r, every implementation once
     per round, the order reversed every round (a drift of the machine hits all alike); the first
-    `warmup` rounds are run, not counted."""
+    `warmup` rounds are run, not counted. On a GPU each step starts and ends synchronised."""
     seconds: dict[str, list[float]] = {n: [] for n in impls}
     for round_, batch in enumerate(batches):
         for n in impls if round_ % 2 == 0 else reversed(impls):
+            synchronize(device)
             started = time.perf_counter()
             impls[n].step(batch)
+            synchronize(device)
             if round_ >= warmup:
                 seconds[n].append(time.perf_counter() - started)
     return seconds
 
 
-def float64_gradient(case: Case, seed: int, episodes: Sequence[Episode]) -> Tensor:
+def float64_gradient(case: Case, seed: int, episodes: Sequence[Episode], device: str = "cpu") -> Tensor:
     """metaloss's task loop's meta-gradient on `episodes` computed in float64 (model, meta-parameters
     and data converted): the reference that float32 rounding is measured against."""
-    impl = build(case, "metaloss", seed)
+    impl = build(case, "metaloss", seed, device)
     for module in (impl.problem.model, *impl.problem.meta_modules().values()):
         module.double()  # in place: the same Parameter objects, so phi() still lists them
 
@@ -571,8 +608,11 @@ def write_result(result: dict, out: Path) -> None:
     print(json.dumps(result))
 
 
-def versions() -> dict[str, str | bool]:
+def versions(device: str = "cpu") -> dict[str, str | bool]:
     out: dict[str, str | bool] = {"torch": torch.__version__}
+    if torch.device(device).type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cuda"] = str(torch.version.cuda)
     for package in ("higher", "learn2learn", "torchopt"):
         try:
             out[package] = importlib.metadata.version(package)
@@ -595,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (cuda:N) for the GPU table")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     parser.add_argument("--memory-only", action="store_true", help="only the fresh-process memory runs")
     parser.add_argument("--mmap-threshold", type=int, default=0,
@@ -609,6 +650,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("need --repeats >= 1, --warmup >= 0, --threads >= 1, --settled >= 0")
     if args.memory_only and args.no_memory:
         parser.error("--memory-only and --no-memory exclude each other")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device: {err}")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: need cpu or an available cuda device")
     if args.child:
         print(json.dumps(peak_growth_child(*args.child, args)))
         return
@@ -620,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = {
         "benchmark": "peers",
         **provenance(argv),
-        "versions": versions(),
+        "versions": versions(args.device),
+        "device": args.device,
         "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "mmap_threshold": args.mmap_threshold,
         "settled": args.settled,
         "load_average_at_start": [round(x, 2) for x in load_at_start],
