@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from script_runner import META_TEST, TIMING_KEYS, TINY, Run, run_all, run_script
+from script_runner import META_TEST, REPO_ROOT, TIMING_KEYS, TINY, Run, run_all, run_script
 
 MT = ["progress=false", "threads=1"]
 
@@ -146,3 +146,30 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(evaluations, name: str, fragm
 def test_a_missing_checkpoint_argument_is_an_error(tmp_path) -> None:
     run = run_script(tmp_path / "run", MT, script=META_TEST)
     assert run.returncode != 0 and "checkpoint" in run.stderr
+
+
+CHECKPOINTS = REPO_ROOT / "benchmarks" / "checkpoints"
+REAL_OMNIGLOT = (REPO_ROOT / ".." / "shared" / "data" / "omniglot").resolve()
+# the kept 20-way checkpoints and the within-alphabet error (%) each stays under on 20 episodes of
+# Early_Aramaic after 10 steps: recorded 8.5 ± 0.9 (50 episodes; an alphabet the all-alphabet runs
+# trained on) and 27.8 ± 0.5 (300 episodes; held out of the strided run); chance is 95
+KEPT_CHECKPOINTS = {"omniglot_minimal_all_20way_maml_maxpool.pt": 15.0, "omniglot_minimal_20way_maml.pt": 35.0}
+
+
+@pytest.mark.skipif(not (REAL_OMNIGLOT / "images_background_small1.zip").is_file(),
+                    reason=f"the Omniglot minimal sets are not in {REAL_OMNIGLOT}")  # fmt: skip
+def test_the_kept_checkpoints_still_classify_real_omniglot(tmp_path) -> None:
+    """benchmarks/checkpoints/ against today's code: each loads in meta_test.py and adapts on real
+    within-alphabet 20-way episodes of Early_Aramaic with the error recorded for it (a change of the
+    model, its BatchNorm policy or the image decoding that breaks them shows as chance-level error)."""
+    assert {p.name for p in CHECKPOINTS.glob("omniglot_*.pt")} >= set(KEPT_CHECKPOINTS)
+    task = ["task=omniglot", f"task.root={REAL_OMNIGLOT}", "task.sets=[background_small1]", "task.n_way=20",
+            "task.q_query=5", "task.within_alphabet=true", "task.train_alphabets=[Greek,Korean,Latin]",
+            "task.val_alphabets=[Balinese]", "task.test_alphabets=[Early_Aramaic]",
+            f"task.cache_dir={tmp_path / 'cache'}", "test.num_tasks=20", "test.steps=[10]"]  # fmt: skip
+    plans = {name: MT + [f"checkpoint={CHECKPOINTS / name}", *task] for name in KEPT_CHECKPOINTS}
+    runs = run_all(tmp_path, plans, script=META_TEST)
+    for name, limit in KEPT_CHECKPOINTS.items():
+        assert runs[name].returncode == 0, runs[name].explain()
+        error = runs[name].metrics()["error_percent_step10"]
+        assert error < limit, f"{name}: {error:.1f} % within-alphabet error, recorded under {limit} %"
