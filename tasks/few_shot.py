@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -34,7 +35,8 @@ class FewShotSampler:
     labels: [N] integer class ids; split: which of the train / val / test random streams to use.
     groups: class id -> group (e.g. Omniglot's alphabet): every episode first draws one group among
     those with at least n_way classes, then its n_way classes within it (Lake et al. 2015's
-    within-alphabet one-shot runs); None: the classes of an episode come from anywhere.
+    within-alphabet one-shot runs); the classes of smaller groups are never drawn (a warning names
+    them); None: the classes of an episode come from anywhere.
     augment: applied to the episode's images with the episode's generator (e.g. `tasks.augment.RandomAffine`).
     Support tensors are class-major: [n_way * k_shot, *shape].
     """
@@ -84,6 +86,12 @@ class FewShotSampler:
                 largest = max(len(m) for m in members.values())
                 raise ConfigError(f"within-group episodes of n_way={n_way} need a group (alphabet) with {n_way} "
                                   f"classes; the largest in the {split} split has {largest}")  # fmt: skip
+            small = [f"{name} ({len(members[name])})" for name in sorted(members) if len(members[name]) < n_way]
+            if small:  # e.g. Omniglot's Tagalog (17 characters) in 20-way within-alphabet episodes
+                left_out = sum(len(members[name]) for name in members if len(members[name]) < n_way)
+                warnings.warn(f"within-group {n_way}-way episodes of the {split} split never draw the {left_out} "
+                              f"classes of its {len(small)} group(s) with fewer than {n_way}: "
+                              f"{', '.join(small[:8])}{', ...' if len(small) > 8 else ''}", stacklevel=2)  # fmt: skip
 
     def _images(self, index: Tensor) -> Tensor:
         x = self.inputs[index]

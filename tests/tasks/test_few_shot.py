@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -104,6 +106,21 @@ def test_uint8_inputs_are_scaled_to_unit_interval():
 def test_zero_query_examples_is_allowed():
     e = sampler(n_way=2, k_shot=1, q_query=0).episode(0)
     assert e.query_x.shape == (0, 2, 3) and e.query_y.shape == (0,)
+
+
+def test_within_group_episodes_warn_about_the_groups_they_never_draw():
+    """Groups a (4 classes), b (3), c (2) at 3-way: c's classes are never drawn, and a warning says so
+    (Omniglot's Tagalog, 17 characters, in 20-way within-alphabet episodes); at 2-way, no warning."""
+    inputs, labels = dataset()
+    groups = {0: "a", 1: "a", 2: "a", 3: "a", 4: "b", 5: "b", 6: "b", 7: "c", 8: "c"}
+    with pytest.warns(UserWarning, match=r"3-way episodes of the train split never draw the 2 classes of its "
+                                         r"1 group\(s\) with fewer than 3: c \(2\)"):  # fmt: skip
+        within = FewShotSampler(inputs, labels, list(groups), 3, 1, 1, seed=0, groups=groups)
+    drawn = {c for i in range(60) for c in within.episode(i).meta["classes"]}
+    assert drawn == set(range(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FewShotSampler(inputs, labels, list(groups), 2, 1, 1, seed=0, groups=groups)
 
 
 def test_n_way_larger_than_the_split_is_rejected():
