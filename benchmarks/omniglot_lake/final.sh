@@ -16,8 +16,8 @@
 # Further Hydra overrides go after the script, with NAME for a run folder of its own, e.g. the
 # prototype head measured beside the kept checkpoint on the official runs:
 #   STEPS=2000 NAME=final_all_protohead bash benchmarks/omniglot_lake/final.sh init=proto_head
-# (summarize.py keeps only the final_all run's checkpoint; evaluate another run's checkpoint.pt
-# directly with meta_test.py as above.)
+# (summarize.py keeps a run NAME=final_all_<suffix> as
+# benchmarks/checkpoints/omniglot_minimal_all_20way_maml_maxpool_<suffix>.pt.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 steps=${STEPS:-1500} threads=${THREADS:-1} name=${NAME:-final_all}

@@ -3,8 +3,8 @@ benchmarks/results/omniglot_lake_variants.{json,md,png} (variants recorded there
 directories are absent, e.g. made on another machine, are kept with their date): per variant, the within-alphabet 20-way
 validation error on Balinese (after the training inner steps, every 250 meta-steps, from TensorBoard)
 and the within-alphabet test error on Early_Aramaic after 1 and 10 inner steps (metrics.json). The
-final run on every alphabet (final.sh), when it has finished, is recorded beside them and its
-checkpoint kept, stripped of the outer optimizer's state, in benchmarks/checkpoints/.
+final runs on every alphabet (final.sh: final_all, and final_all_<suffix> made with NAME) are recorded
+beside them and their checkpoints kept, stripped of the outer optimizer's state, in benchmarks/checkpoints/.
 
     python benchmarks/omniglot_lake/summarize.py
 """
@@ -42,7 +42,7 @@ def main() -> None:
     rows = []
     for metrics_file in sorted(RUNS.glob("*/metrics.json")):
         run, m = metrics_file.parent, json.loads(metrics_file.read_text())
-        if run.name == FINAL:
+        if run.name.startswith(FINAL):
             continue
         overrides = run_overrides(run)
         curve = validation_curve(run)
@@ -50,7 +50,7 @@ def main() -> None:
                 if f"meta/accuracy_step{t}" in m}  # fmt: skip
         rows.append({
             "variant": run.name,
-            "changes": [o for o in overrides if o.split("=")[0] not in SHARED],
+            "changes": changes(overrides),
             "command": "python scripts/meta_train.py " + " ".join(overrides),
             "meta_steps": m["meta_steps"],
             "train_minutes": round(m["train_seconds"] / 60, 1),
@@ -60,11 +60,14 @@ def main() -> None:
             "test_tasks": m["test_tasks"],
         })  # fmt: skip
     today = datetime.date.today().isoformat()
-    for r in rows:
-        r["recorded"] = today
-    # variants summarised before whose run directories are gone (another machine) are kept as recorded
     previous_file = RESULTS / "omniglot_lake_variants.json"
     previous = json.loads(previous_file.read_text()) if previous_file.exists() else {}
+    before = {r["variant"]: r for r in previous.get("runs", [])}
+    for r in rows:  # a run summarised before with the same results keeps the date it was recorded
+        old = json.loads(json.dumps(before.get(r["variant"], {})))  # (tuples compared as JSON lists)
+        same = old and all(old.get(k) == json.loads(json.dumps(r[k])) for k in ("validation_error_curve", "test_error"))
+        r["recorded"] = old.get("recorded", previous.get("date")) if same else today
+    # variants summarised before whose run directories are gone (another machine) are kept as recorded
     present = {r["variant"] for r in rows}
     for r in previous.get("runs", []):
         if r["variant"] not in present:
@@ -77,7 +80,8 @@ def main() -> None:
               "protocol": "20-way 1-shot MAML, train Greek, Japanese_(katakana), Korean, Latin, Sanskrit, Tagalog "
                           "(rotations as new classes); validation: 100 within-alphabet episodes of Balinese after the "
                           "training inner steps; test: within-alphabet episodes of Early_Aramaic",
-              "runs": rows, "final": keep_final() or previous.get("final")}  # fmt: skip
+              "runs": rows, "final": keep_final(FINAL) or previous.get("final"),
+              "other_finals": {**previous.get("other_finals", {}), **other_finals()}}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "omniglot_lake_variants.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = ["| variant | changes | meta-steps | train min | val. error (Balinese) | test error, 1 step | "
@@ -100,11 +104,31 @@ def run_overrides(run: Path) -> list[str]:
     return [o for o in overrides if not o.startswith("hydra.")]
 
 
-def keep_final() -> dict | None:
+def changes(overrides: list[str]) -> list[str]:
+    """A variant's own overrides: those of variants.sh's shared settings dropped, unless the variant
+    sets the key again (e.g. fewer training alphabets; the last value is the one Hydra applies)."""
+    keys = [o.split("=")[0] for o in overrides]
+    return [o for i, (o, k) in enumerate(zip(overrides, keys)) if k not in SHARED or (keys.count(k) > 1 and
+                                                                                   k not in keys[i + 1:])]  # fmt: skip
+
+
+def checkpoint_name(run_name: str) -> str:
+    """final_all -> KEPT; final_all_<suffix> (final.sh with NAME and further overrides) -> KEPT with _<suffix>."""
+    suffix = run_name[len(FINAL):]
+    return KEPT if not suffix else KEPT.replace(".pt", f"{suffix}.pt")
+
+
+def other_finals() -> dict[str, dict]:
+    """final.sh's runs other than final_all (NAME=final_all_<suffix>), each kept as checkpoint_name."""
+    found = {run.name: keep_final(run.name) for run in sorted(RUNS.glob(f"{FINAL}_*")) if run.is_dir()}
+    return {name: record for name, record in found.items() if record is not None}
+
+
+def keep_final(run_name: str) -> dict | None:
     """final.sh's run on every alphabet: its checkpoint (phi and config) kept under checkpoints/. A run
     stopped before its last meta-step (e.g. at the end of a session) is kept at its last checkpoint,
     recorded with the meta-steps it reached."""
-    run = RUNS / FINAL
+    run = RUNS / run_name
     if not (run / "checkpoint.pt").exists():
         return None
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -114,31 +138,37 @@ def keep_final() -> dict | None:
         "meta_steps": progress["step"], "train_seconds": progress["sample_seconds"] + progress["step_seconds"]}
     state.pop("outer_opt", None)
     CHECKPOINTS.mkdir(exist_ok=True)
-    path = CHECKPOINTS / KEPT
+    path = CHECKPOINTS / checkpoint_name(run_name)
     torch.save(state, path)
     print(f"kept {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return {"command": "python scripts/meta_train.py " + " ".join(run_overrides(run)), "meta_steps": m["meta_steps"],
             "train_minutes": round(m["train_seconds"] / 60, 1), "finished": finished,
-            "checkpoint": f"benchmarks/checkpoints/{KEPT}",
+            "checkpoint": f"benchmarks/checkpoints/{path.name}",
             "checkpoint_mb": round(path.stat().st_size / 1e6, 2)}  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """One row per variant, sorted by its test error: the Early_Aramaic error after 10 steps with its
+    95 % interval (left) and the final Balinese validation error (right), so that the two held-out
+    alphabets can be read side by side (a legend of one line per variant did not fit)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for r in rows:
-        if r["validation_error_curve"]:
-            steps, errors = zip(*r["validation_error_curve"])
-            ax.plot(steps, errors, marker="o", label=r["variant"])
-    ax.set_xlabel("meta-step")
-    ax.set_ylabel("within-alphabet val. error (%)")
-    ax.set_title("Omniglot 20-way 1-shot, Balinese episodes")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    scored = [r for r in rows if "10" in {str(t) for t in r["test_error"]}]
+    scored.sort(key=lambda r: -{str(t): e for t, e in r["test_error"].items()}["10"][0])
+    fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(10, 0.22 * len(scored) + 1.2))
+    ys = range(len(scored))
+    tests = [{str(t): e for t, e in r["test_error"].items()}["10"] for r in scored]
+    left.errorbar([e for e, _ in tests], ys, xerr=[c for _, c in tests], fmt="o", ms=3, capsize=2)
+    right.plot([r["final_validation_error"] for r in scored], ys, "s", ms=3, color="tab:red")
+    left.set_yticks(list(ys), [r["variant"] for r in scored], fontsize=6)
+    left.set_xlabel("Early_Aramaic error after 10 steps (%), ± 95 % CI")
+    right.set_xlabel("Balinese validation error (%)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle("Omniglot 20-way 1-shot within-alphabet episodes, variants of benchmarks/omniglot_lake", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
