@@ -79,6 +79,8 @@ run_one() {
     # how the proxy error scales with the size of the training set (the minimal sets hold a quarter of the background set's)
     maxpool_lslr_within_3alphabets_a) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "task.train_alphabets=[Greek,Korean,Sanskrit]") ;;
     maxpool_lslr_within_3alphabets_b) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "task.train_alphabets=['Japanese_(katakana)',Latin,Tagalog]") ;;
+    maxpool_lslr_within_3alphabets_a_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "task.train_alphabets=[Greek,Korean,Sanskrit]" seed=1) ;;
+    maxpool_lslr_within_3alphabets_b_seed1) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "task.train_alphabets=['Japanese_(katakana)',Latin,Tagalog]" seed=1) ;;
     *) echo "unknown variant $name" >&2; return 2 ;;
   esac
   local dir="benchmarks/runs/omniglot_lake/${name}"
