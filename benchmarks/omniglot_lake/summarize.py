@@ -156,11 +156,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [r for r in rows if "10" in {str(t) for t in r["test_error"]}]
-    scored.sort(key=lambda r: -{str(t): e for t, e in r["test_error"].items()}["10"][0])
+    def after_10_steps(r: dict) -> tuple[float, float] | None:  # (error, CI); step keys are str in JSON
+        return {str(t): e for t, e in r["test_error"].items()}.get("10")
+
+    scored = sorted((r for r in rows if after_10_steps(r)), key=lambda r: -after_10_steps(r)[0])
     fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(10, 0.22 * len(scored) + 1.2))
     ys = range(len(scored))
-    tests = [{str(t): e for t, e in r["test_error"].items()}["10"] for r in scored]
+    tests = [after_10_steps(r) for r in scored]
     left.errorbar([e for e, _ in tests], ys, xerr=[c for _, c in tests], fmt="o", ms=3, capsize=2)
     right.plot([r["final_validation_error"] for r in scored], ys, "s", ms=3, color="tab:red")
     left.set_yticks(list(ys), [r["variant"] for r in scored], fontsize=6)

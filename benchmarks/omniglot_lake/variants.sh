@@ -75,7 +75,8 @@ run_one() {
     maxpool_lslr_within_seed3) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true seed=3) ;;  # its fourth seed, beside it
     # a larger input (42 x 42 instead of 28 x 28; Lake's images are 105 x 105): finer strokes reach the Conv-4
     maxpool_lslr_within_42px) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true task.image_size=42 model.image_size=42) ;;
-    # half the training characters (two complementary halves of the six alphabets, 106 and 90 of 196 characters):
+    # half the training characters (two complementary halves of the six alphabets; within-alphabet training draws 106
+    # and 73 of their characters, Tagalog's 17 being too few for a 20-way episode):
     # how the proxy error scales with the size of the training set (the minimal sets hold a quarter of the background set's)
     maxpool_lslr_within_3alphabets_a) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "task.train_alphabets=[Greek,Korean,Sanskrit]") ;;
     maxpool_lslr_within_3alphabets_b) extra=("${maxpool[@]}" inner_opt=lslr task.train_within_alphabet=true "task.train_alphabets=['Japanese_(katakana)',Latin,Tagalog]") ;;

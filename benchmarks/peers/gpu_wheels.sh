@@ -2,7 +2,7 @@
 # Packages for the peer table on a lent GPU machine (issue 15), which reaches no package registry:
 # run here, in the environment of install.sh (Cython 3), before benchmarks/peers/gpu.sh goes there with `carry: [".whl"]`.
 #   bash benchmarks/peers/gpu_wheels.sh
-# Writes .whl/ (ignored through .git/info/exclude; about 8 MB): the peers' wheels for the GPU image's
+# Writes .whl/ (ignored through .git/info/exclude; about 12 MB): the peers' wheels for the GPU image's
 # Python 3.12 (higher 0.2.1, TorchOpt 0.7.3 and its optree and graphviz) and learn2learn 0.2.0's
 # source made buildable there (learn2learn_source.sh; the image has a C compiler). The image already
 # holds torch (CUDA), numpy, safetensors, tensorboard and tqdm, all metaloss needs to import.

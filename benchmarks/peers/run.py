@@ -473,8 +473,6 @@ def run_case(case_name: str, args: argparse.Namespace) -> dict[str, object]:
     case, device = CASES[case_name], args.device
     gpu = torch.device(device).type != "cpu"
     names = [n for n in IMPLEMENTATIONS[case.algorithm] if n not in args.skip and not (gpu and "threads" in n)]
-    if args.memory_only and gpu:
-        raise SystemExit("--memory-only measures fresh CPU processes; on a GPU memory is measured with the timing")
     if args.memory_only:
         rows = {n: rounded(memory(case, n, args)) for n in names}
         return {"case": case_name, "setting": case.__dict__, "implementations": rows,
@@ -656,6 +654,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--device: {err}")
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
         parser.error(f"--device {args.device}: need cpu or an available cuda device")
+    if args.memory_only and device.type != "cpu":
+        parser.error("--memory-only measures fresh CPU processes; on a GPU memory is measured with the timing")
     if args.child:
         print(json.dumps(peak_growth_child(*args.child, args)))
         return
